@@ -38,7 +38,10 @@ PROCESSOR_CLASS = {
 }
 # (width, height) of the two images of the batch: different sizes and aspect ratios.
 SIZES = [(64, 64), (64, 96)]
-PROMPTS = ["USER: {} what color is the circle on the left? ASSISTANT:", "USER: {} how many shapes? ASSISTANT:"]
+PROMPTS = [
+    "USER: {} what color is the circle on the left? ASSISTANT:",
+    "USER: {} how many shapes? ASSISTANT:",
+]
 
 
 def _inputs(family: str, processor, sizes=SIZES):
@@ -129,7 +132,9 @@ def test_forward_generate_and_placeholder_count(built):
 
 def test_chat_template_renders_family_placeholder(built):
     family, _, processor = built
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}
+    ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert IMAGE_PLACEHOLDER[family] in text
     inputs = processor(text=[text], images=tiny_images([(64, 64)]), return_tensors="pt")
@@ -164,7 +169,9 @@ def test_geometry_defaults():
 
 
 def test_overrides():
-    model, processor = tiny_vlm("llava", vision_feature_select_strategy="full", text_config={"num_hidden_layers": 1})
+    model, processor = tiny_vlm(
+        "llava", vision_feature_select_strategy="full", text_config={"num_hidden_layers": 1}
+    )
     assert model.config.text_config.num_hidden_layers == 1
     assert processor.vision_feature_select_strategy == "full"
     inputs = _inputs("llava", processor, sizes=[(64, 64)])
@@ -172,11 +179,23 @@ def test_overrides():
     with torch.no_grad():
         model(**inputs)
 
-    model, processor = tiny_vlm("qwen2_vl", image_processor={"max_pixels": 32 * 32}, extra_words=["kiwi"])
+    model, processor = tiny_vlm(
+        "qwen2_vl", image_processor={"max_pixels": 32 * 32}, extra_words=["kiwi"]
+    )
     assert "kiwi" in processor.tokenizer.get_vocab()
     assert model.config.text_config.vocab_size == len(processor.tokenizer)
     inputs = _inputs("qwen2_vl", processor)
     assert (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist() == [4, 2]
+
+    # Qwen: the merger width and the M-RoPE sections follow a wider text tower.
+    for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        model, processor = tiny_vlm(family, text_config={"hidden_size": 128})
+        text = model.config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+        with torch.no_grad():
+            logits = model(**_inputs(family, processor, sizes=[(64, 96)])).logits
+        assert torch.isfinite(logits).all()
 
     model, processor = tiny_vlm("internvl", vision_config={"image_size": 32})
     assert processor.image_seq_length == 4  # 4x4 grid, shuffle 0.5
@@ -193,7 +212,10 @@ def test_stock_processor_off_by_one_is_caught():
     # The processor's num_additional_image_tokens defaults to 0: one placeholder short per image.
     model, processor = tiny_vlm("llava", processor={"num_additional_image_tokens": 0})
     inputs = _inputs("llava", processor, sizes=[(64, 64)])
-    with pytest.raises(ValueError, match="Image features and image tokens do not match"), torch.no_grad():
+    with (
+        pytest.raises(ValueError, match="Image features and image tokens do not match"),
+        torch.no_grad(),
+    ):
         model(**inputs)
 
 
@@ -214,7 +236,15 @@ def test_stock_strategy_limits(family, strategy):
 def test_tokenizer_vocabulary():
     tok = tiny_tokenizer(["banana"])
     assert tok("<image><image>")["input_ids"] == [tok.convert_tokens_to_ids("<image>")] * 2
-    for special in ("<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>", "<img>", "</img>", "<IMG_CONTEXT>"):
+    for special in (
+        "<|vision_start|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<|vision_end|>",
+        "<img>",
+        "</img>",
+        "<IMG_CONTEXT>",
+    ):
         assert tok(special)["input_ids"] == [tok.convert_tokens_to_ids(special)]
     text = "USER: What color is the banana in the top left? Three, 7. ASSISTANT:"
     assert tok.unk_token_id not in tok(text)["input_ids"]

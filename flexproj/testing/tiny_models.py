@@ -2,29 +2,32 @@
 
 Every family flexproj supports gets a model of the *real* transformers class (so adapters
 patch exactly the modules they will meet in the wild) and the family's *real* processor
-class, at sizes that make a CPU forward pass take milliseconds:
+class, at sizes that make a CPU forward pass take milliseconds. Default geometry:
 
-=================  ==========================================  ====================================
-family             model / processor                           vision geometry (defaults)
-=================  ==========================================  ====================================
-llava              LlavaForConditionalGeneration, CLIP tower,  64px image, patch 8 -> 8x8 grid,
-                   strategy "default", LlavaProcessor          64 tokens (CLS dropped)
-llava_siglip       LlavaForConditionalGeneration, SigLIP       64px image, patch 8 -> 64 tokens
-                   tower, strategy "full", LlavaProcessor      (SigLIP has no CLS)
-llava_next         LlavaNextForConditionalGeneration, CLIP,    64px crops, pinpoints up to
-                   LlavaNextProcessor                          128x128 (base + up to 2x2 crops)
-llava_onevision    LlavaOnevisionForConditionalGeneration,     64px crops, pinpoints up to
-                   SigLIP, LlavaOnevisionProcessor             128x128, 64 tokens per crop
-qwen2_vl           Qwen2VLForConditionalGeneration,            patch 8, merge 2 -> one token per
-                   Qwen2VLProcessor                            16x16 px; 64x96 image -> 4x6 = 24
-qwen2_5_vl         Qwen2_5_VLForConditionalGeneration,         as qwen2_vl; window 32px (2x2
-                   Qwen2_5_VLProcessor                         merged units), layer 1 full attn
-qwen3_vl           Qwen3VLForConditionalGeneration,            as qwen2_vl; deepstack layers [0, 1]
-                   Qwen3VLProcessor
-internvl           InternVLForConditionalGeneration,           64px tiles, patch 8 -> 8x8 grid,
-                   InternVLProcessor                           pixel shuffle 0.5 -> 16 per tile,
-                                                               up to 4 tiles + thumbnail
-=================  ==========================================  ====================================
+* ``llava``: ``LlavaForConditionalGeneration``, CLIP tower, strategy ``"default"``,
+  ``LlavaProcessor``. 64 px image, patch 8: 8x8 grid + CLS; the CLS is dropped, so 64 tokens.
+  Projector ``model.model.multi_modal_projector`` sees ``(images, 64, 32)``.
+* ``llava_siglip``: as ``llava`` with a SigLIP tower (no CLS) and strategy ``"full"``: 64 tokens.
+* ``llava_next``: ``LlavaNextForConditionalGeneration`` (CLIP, ``"default"``),
+  ``LlavaNextProcessor``. 64 px crops, pinpoints ``[[64, 64], [64, 128], [128, 64], [128, 128]]``
+  (height, width): base image + 1..4 crops of 64 tokens, then unpadding and newline tokens
+  (a 64x64 image gives 136 tokens, a 64 wide x 96 high one 172). Projector sees
+  ``(crops, 64, 32)``.
+* ``llava_onevision``: ``LlavaOnevisionForConditionalGeneration`` (SigLIP, ``"full"``,
+  ``anyres_max_9``), ``LlavaOnevisionProcessor`` (``num_image_tokens=64``); same crops and
+  counts as ``llava_next``.
+* ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl``: ``Qwen2VLForConditionalGeneration`` /
+  ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration`` and their
+  processors. Patch 8, temporal patch 2, merge 2: one LLM token per 16x16 px after
+  ``smart_resize`` (min 32x32, max 128x128 px), so 64x64 px gives 4x4 = 16 tokens and 64x96 px
+  4x6 = 24. The merger ``model.model.visual.merger`` sees packed patches ``(sum h*w, 32)``.
+  Qwen2.5-VL: 32 px windows (2x2 merged units), layer 0 windowed, layer 1 full attention.
+  Qwen3-VL: deepstack layers ``[0, 1]`` (``visual.deepstack_merger_list``), an 8x8 learned
+  position grid (interpolated), interleaved M-RoPE.
+* ``internvl``: ``InternVLForConditionalGeneration``, ``InternVLProcessor``. 64 px tiles,
+  patch 8: 8x8 grid (+CLS, dropped under ``"default"``), pixel shuffle 0.5 -> 4x4 = 16 tokens
+  per tile; 1..4 tiles plus a thumbnail when there is more than one tile. Projector sees
+  ``(tiles, 16, 128)``.
 
 Text towers: hidden 64, 2 layers, 4 heads, 2 KV heads (head_dim 16), intermediate 128,
 vocabulary = the shared word-level tokenizer (:func:`tiny_tokenizer`). Vision towers: width
@@ -51,7 +54,7 @@ Nothing here touches the Hugging Face Hub.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,7 +81,7 @@ from transformers import (
     LlavaOnevisionImageProcessorPil,
     LlavaOnevisionProcessor,
     LlavaProcessor,
-    PretrainedConfig,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
@@ -336,13 +339,18 @@ def _im_chat_template(image: str) -> str:
 
 # ----------------------------------------------------------------------------- configs
 
-_VISION = {
+Kwargs = dict[str, Any]
+# (built config, tokenizer, image-processor kwargs, processor kwargs) -> processor. The config
+# is typed Any: transformers types sub-configs as ``dict | PreTrainedConfig | None``.
+ProcessorBuilder = Callable[[Any, PreTrainedTokenizerFast, Kwargs, Kwargs], ProcessorMixin]
+
+_VISION: dict[str, Any] = {
     "hidden_size": 32,
     "intermediate_size": 64,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
 }
-_TEXT = {
+_TEXT: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
@@ -350,16 +358,15 @@ _TEXT = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 1024,
 }
+_HEAD_DIM = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]  # 16
 _IMAGE_SIZE = 64  # LLaVA image / LLaVA-NeXT & OneVision crop / InternVL tile side, pixels
 _PATCH = 8
 _PINPOINTS = [[64, 64], [64, 128], [128, 64], [128, 128]]
-_QWEN_MROPE_SECTION = [2, 3, 3]  # sums to head_dim / 2 = 8 (real 7B: [16, 24, 24] of 64)
-_QWEN3_MROPE_SECTION = [4, 2, 2]  # interleaved T/H/W (real: [24, 20, 20] of 64)
 _QWEN_MIN_PIXELS = 32 * 32  # >= one merged 16x16 cell; a 64x96 image stays 64x96
 _QWEN_MAX_PIXELS = 128 * 128  # at most 8x8 = 64 merged tokens per image
 
 
-def _token_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
+def _token_ids(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     return {
         "pad_token_id": tok.pad_token_id,
         "bos_token_id": tok.bos_token_id,
@@ -371,7 +378,7 @@ def _text(tok: PreTrainedTokenizerFast, **extra: Any) -> dict[str, Any]:
     return {**_TEXT, "vocab_size": len(tok), **_token_ids(tok), **extra}
 
 
-def _qwen_image_processor(vision: PretrainedConfig, **overrides: Any) -> Qwen2VLImageProcessorPil:
+def _qwen_image_processor(vision: Any, **overrides: Any) -> Qwen2VLImageProcessorPil:
     kwargs = {
         "patch_size": vision.patch_size,
         "merge_size": vision.spatial_merge_size,
@@ -387,10 +394,10 @@ def _qwen_image_processor(vision: PretrainedConfig, **overrides: Any) -> Qwen2VL
 class _Spec:
     """How to build one family: config class + default kwargs, model class, processor factory."""
 
-    config_cls: type[PretrainedConfig]
+    config_cls: type[PreTrainedConfig]
     model_cls: type[PreTrainedModel]
-    config: Callable[[PreTrainedTokenizerFast], dict[str, Any]]
-    processor: Callable[[PretrainedConfig, PreTrainedTokenizerFast, dict, dict], ProcessorMixin]
+    config: Callable[[PreTrainedTokenizerFast], Kwargs]  # tokenizer -> default config kwargs
+    processor: ProcessorBuilder  # (built config, tokenizer, image kwargs, processor kwargs)
 
 
 # --- LLaVA (CLIP, "default") and LLaVA with SigLIP ("full")
@@ -419,13 +426,14 @@ def _llava_siglip_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     }
 
 
-def _num_additional_tokens(vision: PretrainedConfig) -> int:
+def _num_additional_tokens(vision: Any) -> int:
     """CLS count of the tower: CLIP has one, SigLIP none."""
     return 1 if vision.model_type == "clip_vision_model" else 0
 
 
-def _llava_image_processor(vision: PretrainedConfig, **overrides: Any) -> LlavaImageProcessorPil:
+def _llava_image_processor(vision: Any, **overrides: Any) -> LlavaImageProcessorPil:
     side = vision.image_size
+    kwargs: Kwargs
     if vision.model_type == "clip_vision_model":
         kwargs = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
     else:  # SigLIP: plain square resize, [-1, 1] normalisation
@@ -440,7 +448,7 @@ def _llava_image_processor(vision: PretrainedConfig, **overrides: Any) -> LlavaI
 
 
 def _llava_processor(
-    config: LlavaConfig, tok, image_kwargs: dict, proc_kwargs: dict
+    config: Any, tok: PreTrainedTokenizerFast, image_kwargs: Kwargs, proc_kwargs: Kwargs
 ) -> LlavaProcessor:
     vision = config.vision_config
     kwargs = {
@@ -461,7 +469,7 @@ def _llava_next_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
 
 
 def _llava_next_processor(
-    config: LlavaNextConfig, tok, image_kwargs: dict, proc_kwargs: dict
+    config: Any, tok: PreTrainedTokenizerFast, image_kwargs: Kwargs, proc_kwargs: Kwargs
 ) -> LlavaNextProcessor:
     vision = config.vision_config
     side = vision.image_size
@@ -499,7 +507,7 @@ def _llava_onevision_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
 
 
 def _llava_onevision_processor(
-    config: LlavaOnevisionConfig, tok, image_kwargs: dict, proc_kwargs: dict
+    config: Any, tok: PreTrainedTokenizerFast, image_kwargs: Kwargs, proc_kwargs: Kwargs
 ) -> ImageOnlyLlavaOnevisionProcessor:
     vision = config.vision_config
     side = vision.image_size
@@ -525,7 +533,7 @@ def _llava_onevision_processor(
 # --- Qwen2-VL / Qwen2.5-VL / Qwen3-VL
 
 
-def _qwen_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
+def _qwen_ids(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     return {
         "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
         "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
@@ -534,8 +542,40 @@ def _qwen_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
     }
 
 
-def _qwen_rope(section: list[int], **extra: Any) -> dict[str, Any]:
-    return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(section), **extra}
+def _mrope_section(head_dim: int, interleaved: bool) -> list[int]:
+    """T/H/W rotary split summing to ``head_dim // 2``, in the real checkpoints' proportions.
+
+    Qwen2/2.5-VL: [16, 24, 24] of 64 (here [2, 3, 3] of 8); Qwen3-VL (interleaved):
+    [24, 20, 20] of 64 (here [4, 2, 2] of 8).
+    """
+    half = head_dim // 2
+    hw = (5 * half) // 16 if interleaved else (3 * half) // 8
+    return [half - 2 * hw, hw, hw]
+
+
+def _qwen_rope(head_dim: int, interleaved: bool = False) -> dict[str, Any]:
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": _mrope_section(head_dim, interleaved),
+    }
+    return {**rope, "mrope_interleaved": True} if interleaved else rope
+
+
+def _fit_qwen(config_kwargs: Kwargs, text_overrides: Kwargs, vision_overrides: Kwargs) -> None:
+    """Keep a Qwen config consistent after ``text_config`` overrides (in place).
+
+    The vision merger must output the LLM width, and the M-RoPE sections must sum to
+    ``head_dim // 2``; both are re-derived unless the caller set them explicitly.
+    """
+    text, vision = config_kwargs["text_config"], config_kwargs["vision_config"]
+    width_key = "hidden_size" if "embed_dim" in vision else "out_hidden_size"  # Qwen2-VL vs 2.5/3
+    if width_key not in vision_overrides:
+        vision[width_key] = text["hidden_size"]
+    if "rope_parameters" not in text_overrides:
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        interleaved = bool(text["rope_parameters"].get("mrope_interleaved"))
+        text["rope_parameters"] = _qwen_rope(head_dim, interleaved)
 
 
 def _qwen2_vl_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
@@ -550,7 +590,7 @@ def _qwen2_vl_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
         },
-        "text_config": _text(tok, rope_parameters=_qwen_rope(_QWEN_MROPE_SECTION)),
+        "text_config": _text(tok, rope_parameters=_qwen_rope(_HEAD_DIM)),
         **_qwen_ids(tok),
     }
 
@@ -569,7 +609,7 @@ def _qwen2_5_vl_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
             "window_size": 32,  # pixels: 32 // merge 2 // patch 8 = 2x2 merged units per window
             "fullatt_block_indexes": [1],  # layer 0 windowed, layer 1 full
         },
-        "text_config": _text(tok, rope_parameters=_qwen_rope(_QWEN_MROPE_SECTION)),
+        "text_config": _text(tok, rope_parameters=_qwen_rope(_HEAD_DIM)),
         **_qwen_ids(tok),
     }
 
@@ -590,16 +630,16 @@ def _qwen3_vl_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
         },
         "text_config": _text(
             tok,
-            head_dim=16,
-            rope_parameters=_qwen_rope(_QWEN3_MROPE_SECTION, mrope_interleaved=True),
+            head_dim=_HEAD_DIM,
+            rope_parameters=_qwen_rope(_HEAD_DIM, interleaved=True),
         ),
         **_qwen_ids(tok),
     }
 
 
-def _qwen_processor_factory(cls: type[ProcessorMixin]) -> Callable[..., ProcessorMixin]:
+def _qwen_processor_factory(cls: type[ProcessorMixin]) -> ProcessorBuilder:
     def build(
-        config: PretrainedConfig, tok, image_kwargs: dict, proc_kwargs: dict
+        config: PreTrainedConfig, tok, image_kwargs: dict, proc_kwargs: dict
     ) -> ProcessorMixin:
         kwargs = {"chat_template": _im_chat_template(IMAGE_PLACEHOLDER["qwen2_vl"]), **proc_kwargs}
         return cls(_qwen_image_processor(config.vision_config, **image_kwargs), tok, **kwargs)
@@ -623,7 +663,7 @@ def _internvl_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     }
 
 
-def _internvl_seq_length(config: InternVLConfig) -> int:
+def _internvl_seq_length(config: Any) -> int:
     vision = config.vision_config
     grid = (vision.image_size[0] // vision.patch_size[0]) * (
         vision.image_size[1] // vision.patch_size[1]
@@ -632,7 +672,7 @@ def _internvl_seq_length(config: InternVLConfig) -> int:
 
 
 def _internvl_processor(
-    config: InternVLConfig, tok, image_kwargs: dict, proc_kwargs: dict
+    config: Any, tok: PreTrainedTokenizerFast, image_kwargs: Kwargs, proc_kwargs: Kwargs
 ) -> ImageOnlyInternVLProcessor:
     height, width = config.vision_config.image_size
     image_processor = GotOcr2ImageProcessorPil(
@@ -703,14 +743,14 @@ def _check_family(family: str) -> None:
         )
 
 
-def _config_keys(config_cls: type[PretrainedConfig]) -> set[str]:
+def _config_keys(config_cls: type[PreTrainedConfig]) -> set[str]:
     return {f.name for f in dataclasses.fields(config_cls)} | set(
         getattr(config_cls, "attribute_map", {})
     )
 
 
 def _as_dict(sub: Any) -> dict[str, Any]:
-    return dict(sub.to_dict() if isinstance(sub, PretrainedConfig) else sub)
+    return dict(sub.to_dict() if isinstance(sub, PreTrainedConfig) else sub)
 
 
 def tiny_vlm(
@@ -752,11 +792,13 @@ def tiny_vlm(
     proc_kwargs = dict(overrides.pop("processor", None) or {})
 
     config_kwargs = spec.config(tok)
-    for key in ("vision_config", "text_config"):
-        config_kwargs[key] = {
-            **_as_dict(config_kwargs[key]),
-            **_as_dict(overrides.pop(key, None) or {}),
-        }
+    sub_overrides = {
+        k: _as_dict(overrides.pop(k, None) or {}) for k in ("vision_config", "text_config")
+    }
+    for key, sub in sub_overrides.items():
+        config_kwargs[key] = {**_as_dict(config_kwargs[key]), **sub}
+    if family.startswith("qwen"):
+        _fit_qwen(config_kwargs, sub_overrides["text_config"], sub_overrides["vision_config"])
     unknown = sorted(set(overrides) - _config_keys(spec.config_cls))
     if unknown:
         raise ValueError(
@@ -771,7 +813,8 @@ def tiny_vlm(
         config.image_seq_length = _internvl_seq_length(config)  # tokens per tile, from the geometry
 
     torch.manual_seed(seed)
-    model = spec.model_cls(config).to(torch.float32).eval()
+    model = spec.model_cls(config)
+    model.float().eval()
     for name, value in _token_ids(tok).items():
         setattr(model.generation_config, name, value)
 

@@ -1,0 +1,274 @@
+"""LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision.
+
+All three keep the projector at ``model.model.multi_modal_projector`` and feed it
+``(images or crops, L, C)`` row-major patch features, so one slot module serves
+them: it pools each crop's square grid to the budget and projects. What differs:
+
+* LLaVA-1.5: nothing else; the processor's count comes from the pooled grid.
+* NeXT / OneVision (AnyRes): ``pack_image_features`` reads the per-crop grid side
+  from ``vision_config.image_size // patch_size``, which is wrong once crops are
+  pooled; it is replaced on the instance by :func:`_pack_anyres`, which takes the
+  side from the real feature count and otherwise follows upstream (unpad, OneVision's
+  ``anyres_max_N`` downsampling, ``image_newline``). The processors count with the
+  pooled side through their own ``_get_unpadded_features``.
+
+CLS: under ``vision_feature_select_strategy="default"`` transformers has already
+dropped it. Under ``"full"`` a CLIP tower's CLS arrives first; it is not a grid
+cell, so the slot drops it explicitly (SigLIP towers have none).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+    LlavaNextProcessor,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionModel,
+    LlavaOnevisionProcessor,
+    LlavaProcessor,
+)
+from transformers.image_processing_utils import select_best_resolution
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    unpad_image,
+)
+
+from flexproj.adapters.base import FamilyAdapter, Patcher, PatchState, register_adapter
+from flexproj.pooling import target_grid
+from flexproj.projector import FlexProjector
+
+
+class GridSlotProjector(nn.Module):
+    """Stands in the projector slot: ``(crops, L, C) -> (crops, n, out_dim)``.
+
+    ``L`` is the tower's square patch grid, plus one leading CLS token when the tower
+    has one and the ``"full"`` strategy kept it (dropped here, explicitly).
+    """
+
+    def __init__(
+        self, projector: FlexProjector, side: int, has_cls: bool, budget: Callable[[], int]
+    ) -> None:
+        super().__init__()
+        self.projector = projector
+        self.side = side
+        self.has_cls = has_cls
+        self._budget = budget
+
+    def extra_repr(self) -> str:
+        return f"grid={self.side}x{self.side}, has_cls={self.has_cls}"
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        grid = (self.side, self.side)
+        L = features.shape[1]
+        drop_cls = self.has_cls and L == self.side**2 + 1
+        if not drop_cls and L != self.side**2:
+            raise ValueError(
+                f"the vision tower gave {L} tokens per image, expected the {self.side}x{self.side} "
+                f"grid ({self.side**2}){' or grid + CLS' if self.has_cls else ''}. Is "
+                "vision_feature_select_strategy='default' used with a tower without CLS?"
+            )
+        return self.projector(features, tokens=self._budget(), grid=grid, drop_cls=drop_cls)
+
+
+def _tower_side(config: Any) -> int:
+    vision = config.vision_config
+    return int(vision.image_size) // int(vision.patch_size)
+
+
+def _has_cls(vision_tower: nn.Module) -> bool:
+    embeddings = getattr(vision_tower, "embeddings", None)
+    if embeddings is None:  # CLIPVisionModel wraps a CLIPVisionTransformer
+        embeddings = getattr(getattr(vision_tower, "vision_model", None), "embeddings", None)
+    return hasattr(embeddings, "class_embedding")
+
+
+class LlavaAdapter(FamilyAdapter):
+    """LLaVA-1.5 (``LlavaForConditionalGeneration`` / ``LlavaModel``)."""
+
+    model_types = ("llava",)
+    model_classes: tuple[type, ...] = (LlavaForConditionalGeneration, LlavaModel)
+    processor_classes: tuple[type, ...] = (LlavaProcessor,)
+    unit = "image"
+
+    def base(self, model: nn.Module) -> nn.Module:
+        """The ``*Model`` that owns the vision tower and projector."""
+        return model if hasattr(model, "multi_modal_projector") else model.model
+
+    def projector_slot(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return self.base(model), "multi_modal_projector"
+
+    def projector_dims(self, model: nn.Module) -> tuple[int, int]:
+        config = model.config
+        layers = config.vision_feature_layer
+        n_layers = len(layers) if isinstance(layers, (list, tuple)) else 1
+        return config.vision_config.hidden_size * n_layers, config.text_config.hidden_size
+
+    def native_tokens(self, model: nn.Module) -> int:
+        return _tower_side(model.config) ** 2
+
+    def install(self, model: nn.Module, state: PatchState) -> None:
+        base = self.base(model)
+        native = self.native_tokens(model)
+        slot = GridSlotProjector(
+            state.projector,
+            _tower_side(model.config),
+            _has_cls(base.vision_tower),
+            budget=lambda: self.check_budget(state.tokens(), native),
+        )
+        state.model_patcher.set(base, "multi_modal_projector", slot)
+        self.guard_placeholder_count(base, state, model.config.image_token_id)
+
+    # --- processor ---------------------------------------------------------
+    def crop_tokens(self, processor: Any, state: PatchState, crop_hw: tuple[int, int]) -> tuple[int, int]:
+        """Pooled grid of one crop of ``crop_hw`` pixels under the budget in force."""
+        patch = int(processor.patch_size)
+        native = (crop_hw[0] // patch, crop_hw[1] // patch)
+        return target_grid(self.check_budget(state.tokens(), native[0] * native[1]), native)
+
+    def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
+        self.check_processor(processor)
+        adapter = self
+
+        def replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+            height, width = image_inputs["pixel_values"][image_idx].shape[-2:]
+            h, w = adapter.crop_tokens(self, state, (int(height), int(width)))
+            return self.image_token * (h * w)
+
+        patcher.override_method(processor, "replace_image_token", replace_image_token)
+
+
+def _pack_anyres(
+    base: nn.Module,
+    image_features: list[torch.Tensor],
+    image_sizes: torch.Tensor,
+    image_newline: torch.Tensor | None,
+    max_num_patches: int | None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """AnyRes packing with the per-crop grid side taken from the pooled features.
+
+    Each ``image_features[i]`` is ``(crops, n, D)``: crop 0 is the whole image (kept
+    as is), the others tile the best-fit resolution and are stitched into one grid,
+    unpadded to the image's aspect ratio, optionally downsampled (OneVision), and
+    given a newline embedding per row.
+    """
+    config = base.config
+    packed, lens = [], []
+    for image_idx, feature in enumerate(image_features):
+        if feature.shape[0] > 1:
+            base_feature, crops = feature[0], feature[1:]
+            side = math.isqrt(crops.shape[1])
+            if side * side != crops.shape[1]:
+                raise ValueError(f"AnyRes crops must pool to a square grid, got {crops.shape[1]} tokens")
+            rows, cols = get_anyres_image_grid_shape(
+                image_sizes[image_idx], config.image_grid_pinpoints, config.vision_config.image_size
+            )
+            # (rows*cols, side*side, D) -> (D, rows*side, cols*side)
+            grid = crops.view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3)
+            grid = unpad_image(grid.flatten(1, 2).flatten(2, 3), image_sizes[image_idx])
+            if max_num_patches is not None:
+                _, cur_h, cur_w = grid.shape
+                ratio = math.sqrt(cur_h * cur_w / (max_num_patches * side**2))
+                if ratio > 1.1:
+                    size = [int(cur_h // ratio), int(cur_w // ratio)]
+                    grid = nn.functional.interpolate(grid[None], size, mode="bilinear")[0]
+            if image_newline is not None:
+                newline = image_newline[:, None, None].expand(*grid.shape[:-1], 1)
+                grid = torch.cat((grid, newline.to(grid)), dim=-1)
+            feature = torch.cat((base_feature, grid.flatten(1, 2).transpose(0, 1)), dim=0)
+        else:
+            feature = feature[0]
+            if image_newline is not None:
+                feature = torch.cat((feature, image_newline[None].to(feature)), dim=0)
+        packed.append(feature)
+        lens.append(feature.shape[0])
+    return packed, torch.tensor(lens, dtype=torch.long, device=image_features[0].device)
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT (AnyRes): budget per crop, base image included."""
+
+    model_types = ("llava_next",)
+    model_classes = (LlavaNextForConditionalGeneration, LlavaNextModel)
+    processor_classes = (LlavaNextProcessor,)
+    unit = "image crop"
+
+    def install(self, model: nn.Module, state: PatchState) -> None:
+        super().install(model, state)
+        base = self.base(model)
+
+        def pack_image_features(
+            self: nn.Module, image_features: Any, image_sizes: Any,
+            vision_feature_select_strategy: Any = None, image_newline: Any = None,
+        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+            return _pack_anyres(self, image_features, image_sizes, image_newline, None)
+
+        state.model_patcher.override_method(base, "pack_image_features", pack_image_features)
+
+    def unpadded_count(self, processor: Any, side: tuple[int, int], orig: Any, crop_hw: Any) -> tuple[int, int]:
+        best_h, best_w = select_best_resolution(list(orig), processor.image_processor.image_grid_pinpoints)
+        return processor._get_unpadded_features(
+            orig[0], orig[1], side[0], side[1], best_h // crop_hw[0], best_w // crop_hw[1]
+        )
+
+    def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
+        self.check_processor(processor)
+        adapter = self
+
+        def replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+            orig = image_inputs["image_sizes"][image_idx]
+            orig = orig.tolist() if hasattr(orig, "tolist") else list(orig)
+            crop_hw = tuple(int(s) for s in image_inputs["pixel_values"][0][0].shape[-2:])
+            side = adapter.crop_tokens(self, state, crop_hw)
+            if adapter.base_crop_only(self, image_inputs, image_idx):
+                return self.image_token * (side[0] * side[1] + 1)  # base crop + newline
+            unpadded, newlines = adapter.unpadded_count(self, side, orig, crop_hw)
+            return self.image_token * (unpadded + newlines + side[0] * side[1])
+
+        patcher.override_method(processor, "replace_image_token", replace_image_token)
+
+    def base_crop_only(self, processor: Any, image_inputs: dict, image_idx: int) -> bool:
+        return False
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: AnyRes with ``anyres_max_N`` downsampling; multi-image
+    samples use the base crop only."""
+
+    model_types = ("llava_onevision",)
+    model_classes = (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel)
+    processor_classes = (LlavaOnevisionProcessor,)
+
+    def install(self, model: nn.Module, state: PatchState) -> None:
+        LlavaAdapter.install(self, model, state)
+        base = self.base(model)
+
+        def pack_image_features(
+            self: nn.Module, image_features: Any, image_sizes: Any,
+            image_newline: Any = None, vision_aspect_ratio: str = "anyres_max_9",
+        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+            max_patches = int(vision_aspect_ratio.removeprefix("anyres_max_"))
+            return _pack_anyres(self, image_features, image_sizes, image_newline, max_patches)
+
+        state.model_patcher.override_method(base, "pack_image_features", pack_image_features)
+
+    def base_crop_only(self, processor: Any, image_inputs: dict, image_idx: int) -> bool:
+        seen = 0
+        for n in image_inputs["batch_num_images"]:
+            if image_idx < seen + n:
+                return n != 1  # multi-image samples: base crop only
+            seen += n
+        return False
+
+
+register_adapter(LlavaAdapter())
+register_adapter(LlavaNextAdapter())
+register_adapter(LlavaOnevisionAdapter())

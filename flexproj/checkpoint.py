@@ -1,0 +1,159 @@
+"""Save and load a patched model's projector (weights and config only).
+
+One ``flexproj.safetensors`` file holds the weights and, in its metadata, the config
+that loading trusts; ``flexproj_config.json`` is the same config for people. Each is
+written to a temporary file beside it and moved into place with ``os.replace``, so a
+save that fails leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from flexproj._version import __version__
+from flexproj.errors import CheckpointError, PatchError
+from flexproj.patching import get_state, patch, patch_processor, unpatch
+from flexproj.projector import FlexProjector
+
+WEIGHTS_NAME = "flexproj.safetensors"
+CONFIG_NAME = "flexproj_config.json"
+FORMAT_VERSION = 1
+POOLING = "adaptive_avg_pool2d"
+
+
+def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def checkpoint_config(model: nn.Module, schedule: dict[str, Any] | None = None) -> dict[str, Any]:
+    state = get_state(model)
+    if state is None:
+        raise PatchError("save_pretrained needs a patched model: call flexproj.patch(model) first")
+    return {
+        "format": FORMAT_VERSION,
+        "flexproj_version": __version__,
+        "model_type": model.config.model_type,
+        "adapter": type(state.adapter).__name__,
+        "projector": state.projector.config(),
+        "pooling": POOLING,
+        "default_tokens": state.default_tokens,
+        "native_tokens": state.adapter.native_tokens(model),
+        "token_schedule": schedule if schedule is not None else state.schedule,
+    }
+
+
+def save_pretrained(
+    model: nn.Module, path: str | os.PathLike[str], *, schedule: dict[str, Any] | None = None
+) -> Path:
+    """Write the projector of patched ``model`` to directory ``path``; returns it."""
+    config = checkpoint_config(model, schedule)
+    tensors = {
+        k: v.detach().to("cpu").contiguous() for k, v in get_state(model).projector.state_dict().items()
+    }
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config, indent=2, sort_keys=True)
+    _atomic_write(
+        directory / WEIGHTS_NAME,
+        lambda tmp: save_file(tensors, tmp, metadata={"flexproj_config": text}),
+    )
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    return directory
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config, tensors)`` of a flexproj checkpoint directory, or :class:`CheckpointError`."""
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        raise CheckpointError(
+            f"no flexproj checkpoint at {path}: {WEIGHTS_NAME} is missing "
+            "(write one with flexproj.save_pretrained(model, path))"
+        )
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{file} is damaged or not a safetensors file ({exc}); save the projector again"
+        ) from None
+    if "flexproj_config" not in metadata:
+        raise CheckpointError(f"{file} has no flexproj config in its metadata; was it written by flexproj?")
+    config = json.loads(metadata["flexproj_config"])
+    if config.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{file} has format {config.get('format')!r}; this flexproj reads {FORMAT_VERSION}")
+    return config, tensors
+
+
+def from_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    processor: Any = None,
+    *,
+    tokens: int | None = None,
+    kernel: str = "auto",
+) -> nn.Module:
+    """Load a saved projector onto ``model`` (unpatched or patched); returns ``model``.
+
+    An unpatched model is patched with it (default budget from the checkpoint unless
+    ``tokens`` is given); a patched one gets its projector replaced, keeping its
+    default budget and patched processors.
+    """
+    from flexproj.adapters import adapter_for
+
+    config, tensors = read_checkpoint(path)
+    adapter = adapter_for(model)
+    model_type = model.config.model_type
+    if config["model_type"] != model_type:
+        raise CheckpointError(
+            f"the checkpoint at {path} is for model_type {config['model_type']!r}, "
+            f"this model is {model_type!r}"
+        )
+    in_dim, out_dim = adapter.projector_dims(model)
+    saved = config["projector"]
+    if (saved["in_dim"], saved["out_dim"]) != (in_dim, out_dim):
+        raise CheckpointError(
+            f"the checkpoint's projector maps {saved['in_dim']} -> {saved['out_dim']} but this "
+            f"model needs {in_dim} -> {out_dim}: it was trained for another model size"
+        )
+    projector = FlexProjector(kernel=kernel, **saved)
+    try:
+        projector.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the checkpoint at {path} does not fit its own config: {exc}") from None
+    reference = next(model.parameters())
+    projector.to(device=reference.device, dtype=reference.dtype)
+
+    state = get_state(model)
+    if state is None:
+        default = config["default_tokens"] if tokens is None else tokens
+        patch(model, processor, tokens=min(default, adapter.native_tokens(model)) if tokens is None else default, projector=projector)
+    else:
+        processors = [proc for proc, _ in state.processor_patchers]
+        default = state.default_tokens if tokens is None else tokens
+        unpatch(model)
+        patch(model, tokens=default, projector=projector)
+        for proc in [*processors, *([processor] if processor is not None else [])]:
+            patch_processor(model, proc)
+    get_state(model).schedule = config.get("token_schedule")
+    return model
