@@ -130,9 +130,12 @@ class LlavaAdapter(FamilyAdapter):
     # --- processor ---------------------------------------------------------
     def crop_tokens(self, processor: Any, state: PatchState, crop_hw: tuple[int, int]) -> tuple[int, int]:
         """Pooled grid of one crop of ``crop_hw`` pixels under the budget in force."""
-        patch = int(processor.patch_size)
-        native = (crop_hw[0] // patch, crop_hw[1] // patch)
+        native = self.native_crop_grid(processor, crop_hw)
         return target_grid(self.check_budget(state.tokens(), native[0] * native[1]), native)
+
+    def native_crop_grid(self, processor: Any, crop_hw: tuple[int, int]) -> tuple[int, int]:
+        patch = int(processor.patch_size)
+        return crop_hw[0] // patch, crop_hw[1] // patch
 
     def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
         self.check_processor(processor)
@@ -259,6 +262,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return _pack_anyres(self, image_features, image_sizes, image_newline, max_patches)
 
         state.model_patcher.override_method(base, "pack_image_features", pack_image_features)
+
+    def native_crop_grid(self, processor: Any, crop_hw: tuple[int, int]) -> tuple[int, int]:
+        side = math.isqrt(int(processor.num_image_tokens))  # the processor has no patch_size
+        return side, side
 
     def base_crop_only(self, processor: Any, image_inputs: dict, image_idx: int) -> bool:
         seen = 0

@@ -10,18 +10,50 @@ placeholders in step, and pick the number of vision tokens per call::
 
 from flexproj._version import __version__
 from flexproj.budget import current_tokens, tokens
+from flexproj.checkpoint import from_pretrained, save_pretrained
+from flexproj.errors import (
+    BudgetError,
+    CheckpointError,
+    FlexprojError,
+    PatchError,
+    TokenCountMismatch,
+    UnsupportedModelError,
+)
 from flexproj.kernels import BackendUnavailable, available_backends
+from flexproj.patching import is_patched, patch, patch_processor, unpatch, unpatch_processor
 from flexproj.pooling import pool_grid, pool_packed, target_grid
 from flexproj.projector import FlexProjector
 
+
+def supported_models() -> list[str]:
+    """The ``config.model_type`` strings flexproj can patch."""
+    from flexproj.adapters import supported_models as _supported
+
+    return _supported()
+
+
 __all__ = [
     "BackendUnavailable",
+    "BudgetError",
+    "CheckpointError",
     "FlexProjector",
+    "FlexprojError",
+    "PatchError",
+    "TokenCountMismatch",
+    "UnsupportedModelError",
     "__version__",
     "available_backends",
     "current_tokens",
+    "from_pretrained",
+    "is_patched",
+    "patch",
+    "patch_processor",
     "pool_grid",
     "pool_packed",
+    "save_pretrained",
+    "supported_models",
     "target_grid",
     "tokens",
+    "unpatch",
+    "unpatch_processor",
 ]
