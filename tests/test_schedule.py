@@ -1,0 +1,68 @@
+"""Token schedule: frequencies match the weights; every rank draws the same budget."""
+
+import math
+
+import pytest
+
+from flexproj.schedule import TokenSchedule, parse_schedule
+
+
+def test_paper_defaults():
+    s = TokenSchedule()
+    assert s.tokens == (64, 144, 256)
+    assert s.probabilities == pytest.approx((0.2, 0.3, 0.5))
+    assert s.expected_tokens == pytest.approx(0.2 * 64 + 0.3 * 144 + 0.5 * 256)
+
+
+def test_empirical_frequencies_match_weights():
+    """Each budget's count over n draws is Binomial(n, p): |count - np| stays within
+    5 standard deviations (a false failure has probability below 1e-6 per budget)."""
+    s = TokenSchedule(seed=1234)
+    n = 20_000
+    draws = [s.budget_at(step) for step in range(n)]
+    for t, p in zip(s.tokens, s.probabilities):
+        count = draws.count(t)
+        assert abs(count - n * p) <= 5 * math.sqrt(n * p * (1 - p)), (t, count, n * p)
+
+
+def test_every_rank_draws_the_same_budget():
+    # ranks build their schedule independently from the same config
+    ranks = [TokenSchedule(seed=7) for _ in range(4)]
+    for step in range(500):
+        assert len({r.budget_at(step) for r in ranks}) == 1
+    # and the sequence is not constant, and depends on the seed
+    seq = [ranks[0].budget_at(i) for i in range(50)]
+    assert len(set(seq)) == 3
+    assert seq != [TokenSchedule(seed=8).budget_at(i) for i in range(50)]
+
+
+def test_fixed_schedule_and_per_sample():
+    assert {TokenSchedule.fixed(256).budget_at(i) for i in range(100)} == {256}
+    s = TokenSchedule(per_sample=True, seed=3)
+    batch = s.budgets_for(5, 64)
+    assert len(batch) == 64 and len(set(batch)) > 1
+    assert batch == TokenSchedule(per_sample=True, seed=3).budgets_for(5, 64)
+    assert TokenSchedule(seed=3).budgets_for(5, 4) == [TokenSchedule(seed=3).budget_at(5)] * 4
+
+
+def test_parse_schedule():
+    assert parse_schedule("64:2,144:3,256:5") == TokenSchedule()
+    assert parse_schedule("paper", seed=2) == TokenSchedule(seed=2)
+    assert parse_schedule("fixed:256").tokens == (256,)
+    assert parse_schedule(144).tokens == (144,)
+    with pytest.raises(ValueError, match="cannot parse token schedule"):
+        parse_schedule("64:two")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(tokens=(64, 144), weights=(1.0,)), "2 budgets but 1 weights"),
+        (dict(tokens=(64,), weights=(-1.0,)), "non-negative"),
+        (dict(tokens=(0,), weights=(1.0,)), "positive"),
+        (dict(tokens=(64, 64), weights=(1.0, 1.0)), "distinct"),
+    ],
+)
+def test_bad_schedules(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TokenSchedule(**kwargs)
