@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from flexproj._types import Model
 from flexproj.budget import current_tokens
 from flexproj.errors import BudgetError, TokenCountMismatch, UnsupportedModelError
 from flexproj.pooling import check_token_count
@@ -55,7 +56,7 @@ class Patcher:
         instance override rather than freezing a class attribute onto the instance.
         """
         if isinstance(obj, nn.Module) and name in obj._modules:
-            old = obj._modules[name]
+            old: Any = obj._modules[name]
         else:
             old = vars(obj).get(name, _MISSING) if hasattr(obj, "__dict__") else _MISSING
         self._log.append((obj, name, old))
@@ -86,6 +87,9 @@ class PatchState:
     model_patcher: Patcher = field(default_factory=Patcher)
     processor_patchers: list[tuple[Any, Patcher]] = field(default_factory=list)
     schedule: dict[str, Any] | None = None
+    #: facts about the patched model that ``install`` records for ``patch_processor``,
+    #: which does not see the model (e.g. InternVL's ViT patch size)
+    model_facts: dict[str, Any] = field(default_factory=dict)
 
     def tokens(self) -> int:
         """The budget in force: the innermost ``flexproj.tokens`` block, else the default."""
@@ -107,19 +111,19 @@ class FamilyAdapter(abc.ABC):
 
     # --- model side -------------------------------------------------------
     @abc.abstractmethod
-    def projector_slot(self, model: nn.Module) -> tuple[nn.Module, str]:
+    def projector_slot(self, model: Model) -> tuple[nn.Module, str]:
         """``(parent, attribute)`` of the module the FlexProjector replaces."""
 
     @abc.abstractmethod
-    def projector_dims(self, model: nn.Module) -> tuple[int, int]:
+    def projector_dims(self, model: Model) -> tuple[int, int]:
         """``(in_dim, out_dim)`` of a FlexProjector for ``model``."""
 
     @abc.abstractmethod
-    def native_tokens(self, model: nn.Module) -> int:
+    def native_tokens(self, model: Model) -> int:
         """Stock vision tokens per unit (an upper bound for budgets on this model)."""
 
     @abc.abstractmethod
-    def install(self, model: nn.Module, state: PatchState) -> None:
+    def install(self, model: Model, state: PatchState) -> None:
         """Make ``model`` produce ``state.tokens()`` tokens per unit; record changes on
         ``state.model_patcher``."""
 
@@ -128,11 +132,11 @@ class FamilyAdapter(abc.ABC):
         """Make ``processor`` emit the placeholders the patched model expects."""
 
     # --- shared behaviour -------------------------------------------------
-    def accepts(self, model: nn.Module) -> bool:
+    def accepts(self, model: Model) -> bool:
         return isinstance(model, self.model_classes)
 
     def build_projector(
-        self, model: nn.Module, hidden_dim: int | None = None, kernel: str = "auto"
+        self, model: Model, hidden_dim: int | None = None, kernel: str = "auto"
     ) -> FlexProjector:
         in_dim, out_dim = self.projector_dims(model)
         proj = FlexProjector(in_dim, out_dim, hidden_dim=hidden_dim, kernel=kernel)
@@ -158,7 +162,7 @@ class FamilyAdapter(abc.ABC):
                 f"{type(self).__name__} patches processors of type {names}; got {type(processor).__name__}"
             )
 
-    def guard_placeholder_count(self, base: nn.Module, state: PatchState, image_token_id: int) -> None:
+    def guard_placeholder_count(self, base: Model, state: PatchState, image_token_id: int) -> None:
         """Turn transformers' placeholder/feature mismatch into one flexproj error.
 
         Every family funnels through ``get_placeholder_mask``, which raises a bare
@@ -197,13 +201,13 @@ class FamilyAdapter(abc.ABC):
         state.model_patcher.set(base, "get_placeholder_mask", get_placeholder_mask)
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def _device_of(model: Model) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def _float_dtype_of(model: nn.Module) -> torch.dtype:
+def _float_dtype_of(model: Model) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype
@@ -241,7 +245,7 @@ def supported_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def adapter_for(model: nn.Module) -> FamilyAdapter:
+def adapter_for(model: Model) -> FamilyAdapter:
     """The adapter for ``model``, or :class:`UnsupportedModelError`."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
+from flexproj._types import Model
 from flexproj.adapters.base import FamilyAdapter, Patcher, PatchState, register_adapter
 from flexproj.pooling import target_grid
 from flexproj.projector import FlexProjector
@@ -69,8 +70,8 @@ class GridSlotProjector(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         grid = (self.side, self.side)
         L = features.shape[1]
-        drop_cls = self.has_cls and L == self.side**2 + 1
-        if not drop_cls and L != self.side**2:
+        drop_cls = self.has_cls and self.side**2 + 1 == L
+        if not drop_cls and self.side**2 != L:
             raise ValueError(
                 f"the vision tower gave {L} tokens per image, expected the {self.side}x{self.side} "
                 f"grid ({self.side**2}){' or grid + CLS' if self.has_cls else ''}. Is "
@@ -84,7 +85,7 @@ def _tower_side(config: Any) -> int:
     return int(vision.image_size) // int(vision.patch_size)
 
 
-def _has_cls(vision_tower: nn.Module) -> bool:
+def _has_cls(vision_tower: Model) -> bool:
     embeddings = getattr(vision_tower, "embeddings", None)
     if embeddings is None:  # CLIPVisionModel wraps a CLIPVisionTransformer
         embeddings = getattr(getattr(vision_tower, "vision_model", None), "embeddings", None)
@@ -95,27 +96,27 @@ class LlavaAdapter(FamilyAdapter):
     """LLaVA-1.5 (``LlavaForConditionalGeneration`` / ``LlavaModel``)."""
 
     model_types = ("llava",)
-    model_classes: tuple[type, ...] = (LlavaForConditionalGeneration, LlavaModel)
-    processor_classes: tuple[type, ...] = (LlavaProcessor,)
+    model_classes: ClassVar[tuple[type, ...]] = (LlavaForConditionalGeneration, LlavaModel)
+    processor_classes: ClassVar[tuple[type, ...]] = (LlavaProcessor,)
     unit = "image"
 
-    def base(self, model: nn.Module) -> nn.Module:
+    def base(self, model: Model) -> nn.Module:
         """The ``*Model`` that owns the vision tower and projector."""
         return model if hasattr(model, "multi_modal_projector") else model.model
 
-    def projector_slot(self, model: nn.Module) -> tuple[nn.Module, str]:
+    def projector_slot(self, model: Model) -> tuple[nn.Module, str]:
         return self.base(model), "multi_modal_projector"
 
-    def projector_dims(self, model: nn.Module) -> tuple[int, int]:
+    def projector_dims(self, model: Model) -> tuple[int, int]:
         config = model.config
         layers = config.vision_feature_layer
         n_layers = len(layers) if isinstance(layers, (list, tuple)) else 1
         return config.vision_config.hidden_size * n_layers, config.text_config.hidden_size
 
-    def native_tokens(self, model: nn.Module) -> int:
+    def native_tokens(self, model: Model) -> int:
         return _tower_side(model.config) ** 2
 
-    def install(self, model: nn.Module, state: PatchState) -> None:
+    def install(self, model: Model, state: PatchState) -> None:
         base = self.base(model)
         native = self.native_tokens(model)
         slot = GridSlotProjector(
@@ -128,7 +129,9 @@ class LlavaAdapter(FamilyAdapter):
         self.guard_placeholder_count(base, state, model.config.image_token_id)
 
     # --- processor ---------------------------------------------------------
-    def crop_tokens(self, processor: Any, state: PatchState, crop_hw: tuple[int, int]) -> tuple[int, int]:
+    def crop_tokens(
+        self, processor: Any, state: PatchState, crop_hw: tuple[int, int]
+    ) -> tuple[int, int]:
         """Pooled grid of one crop of ``crop_hw`` pixels under the budget in force."""
         native = self.native_crop_grid(processor, crop_hw)
         return target_grid(self.check_budget(state.tokens(), native[0] * native[1]), native)
@@ -141,7 +144,9 @@ class LlavaAdapter(FamilyAdapter):
         self.check_processor(processor)
         adapter = self
 
-        def replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        def replace_image_token(
+            self: Any, image_inputs: dict, image_idx: int, **kwargs: Any
+        ) -> str:
             height, width = image_inputs["pixel_values"][image_idx].shape[-2:]
             h, w = adapter.crop_tokens(self, state, (int(height), int(width)))
             return self.image_token * (h * w)
@@ -150,7 +155,7 @@ class LlavaAdapter(FamilyAdapter):
 
 
 def _pack_anyres(
-    base: nn.Module,
+    base: Model,
     image_features: list[torch.Tensor],
     image_sizes: torch.Tensor,
     image_newline: torch.Tensor | None,
@@ -170,7 +175,9 @@ def _pack_anyres(
             base_feature, crops = feature[0], feature[1:]
             side = math.isqrt(crops.shape[1])
             if side * side != crops.shape[1]:
-                raise ValueError(f"AnyRes crops must pool to a square grid, got {crops.shape[1]} tokens")
+                raise ValueError(
+                    f"AnyRes crops must pool to a square grid, got {crops.shape[1]} tokens"
+                )
             rows, cols = get_anyres_image_grid_shape(
                 image_sizes[image_idx], config.image_grid_pinpoints, config.vision_config.image_size
             )
@@ -200,24 +207,31 @@ class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT (AnyRes): budget per crop, base image included."""
 
     model_types = ("llava_next",)
-    model_classes = (LlavaNextForConditionalGeneration, LlavaNextModel)
-    processor_classes = (LlavaNextProcessor,)
+    model_classes: ClassVar[tuple[type, ...]] = (LlavaNextForConditionalGeneration, LlavaNextModel)
+    processor_classes: ClassVar[tuple[type, ...]] = (LlavaNextProcessor,)
     unit = "image crop"
 
-    def install(self, model: nn.Module, state: PatchState) -> None:
+    def install(self, model: Model, state: PatchState) -> None:
         super().install(model, state)
         base = self.base(model)
 
         def pack_image_features(
-            self: nn.Module, image_features: Any, image_sizes: Any,
-            vision_feature_select_strategy: Any = None, image_newline: Any = None,
+            self: nn.Module,
+            image_features: Any,
+            image_sizes: Any,
+            vision_feature_select_strategy: Any = None,
+            image_newline: Any = None,
         ) -> tuple[list[torch.Tensor], torch.Tensor]:
             return _pack_anyres(self, image_features, image_sizes, image_newline, None)
 
         state.model_patcher.override_method(base, "pack_image_features", pack_image_features)
 
-    def unpadded_count(self, processor: Any, side: tuple[int, int], orig: Any, crop_hw: Any) -> tuple[int, int]:
-        best_h, best_w = select_best_resolution(list(orig), processor.image_processor.image_grid_pinpoints)
+    def unpadded_count(
+        self, processor: Any, side: tuple[int, int], orig: Any, crop_hw: Any
+    ) -> tuple[int, int]:
+        best_h, best_w = select_best_resolution(
+            tuple(orig), processor.image_processor.image_grid_pinpoints
+        )
         return processor._get_unpadded_features(
             orig[0], orig[1], side[0], side[1], best_h // crop_hw[0], best_w // crop_hw[1]
         )
@@ -226,10 +240,13 @@ class LlavaNextAdapter(LlavaAdapter):
         self.check_processor(processor)
         adapter = self
 
-        def replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        def replace_image_token(
+            self: Any, image_inputs: dict, image_idx: int, **kwargs: Any
+        ) -> str:
             orig = image_inputs["image_sizes"][image_idx]
             orig = orig.tolist() if hasattr(orig, "tolist") else list(orig)
-            crop_hw = tuple(int(s) for s in image_inputs["pixel_values"][0][0].shape[-2:])
+            crop_h, crop_w = (int(s) for s in image_inputs["pixel_values"][0][0].shape[-2:])
+            crop_hw = (crop_h, crop_w)
             side = adapter.crop_tokens(self, state, crop_hw)
             if adapter.base_crop_only(self, image_inputs, image_idx):
                 return self.image_token * (side[0] * side[1] + 1)  # base crop + newline
@@ -247,16 +264,22 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     samples use the base crop only."""
 
     model_types = ("llava_onevision",)
-    model_classes = (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel)
-    processor_classes = (LlavaOnevisionProcessor,)
+    model_classes: ClassVar[tuple[type, ...]] = (
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionModel,
+    )
+    processor_classes: ClassVar[tuple[type, ...]] = (LlavaOnevisionProcessor,)
 
-    def install(self, model: nn.Module, state: PatchState) -> None:
+    def install(self, model: Model, state: PatchState) -> None:
         LlavaAdapter.install(self, model, state)
         base = self.base(model)
 
         def pack_image_features(
-            self: nn.Module, image_features: Any, image_sizes: Any,
-            image_newline: Any = None, vision_aspect_ratio: str = "anyres_max_9",
+            self: nn.Module,
+            image_features: Any,
+            image_sizes: Any,
+            image_newline: Any = None,
+            vision_aspect_ratio: str = "anyres_max_9",
         ) -> tuple[list[torch.Tensor], torch.Tensor]:
             max_patches = int(vision_aspect_ratio.removeprefix("anyres_max_"))
             return _pack_anyres(self, image_features, image_sizes, image_newline, max_patches)

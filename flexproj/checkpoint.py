@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from flexproj._types import Model
 from flexproj._version import __version__
 from flexproj.errors import CheckpointError, PatchError
 from flexproj.patching import get_state, patch, patch_processor, unpatch
@@ -45,7 +46,11 @@ def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def checkpoint_config(model: nn.Module, schedule: dict[str, Any] | None = None) -> dict[str, Any]:
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
+def checkpoint_config(model: Model, schedule: dict[str, Any] | None = None) -> dict[str, Any]:
     state = get_state(model)
     if state is None:
         raise PatchError("save_pretrained needs a patched model: call flexproj.patch(model) first")
@@ -63,12 +68,13 @@ def checkpoint_config(model: nn.Module, schedule: dict[str, Any] | None = None) 
 
 
 def save_pretrained(
-    model: nn.Module, path: str | os.PathLike[str], *, schedule: dict[str, Any] | None = None
+    model: Model, path: str | os.PathLike[str], *, schedule: dict[str, Any] | None = None
 ) -> Path:
     """Write the projector of patched ``model`` to directory ``path``; returns it."""
     config = checkpoint_config(model, schedule)
     tensors = {
-        k: v.detach().to("cpu").contiguous() for k, v in get_state(model).projector.state_dict().items()
+        k: v.detach().to("cpu").contiguous()
+        for k, v in get_state(model).projector.state_dict().items()
     }
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -77,7 +83,7 @@ def save_pretrained(
         directory / WEIGHTS_NAME,
         lambda tmp: save_file(tensors, tmp, metadata={"flexproj_config": text}),
     )
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: _write_text(tmp, text + "\n"))
     return directory
 
 
@@ -98,15 +104,19 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
             f"{file} is damaged or not a safetensors file ({exc}); save the projector again"
         ) from None
     if "flexproj_config" not in metadata:
-        raise CheckpointError(f"{file} has no flexproj config in its metadata; was it written by flexproj?")
+        raise CheckpointError(
+            f"{file} has no flexproj config in its metadata; was it written by flexproj?"
+        )
     config = json.loads(metadata["flexproj_config"])
     if config.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{file} has format {config.get('format')!r}; this flexproj reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{file} has format {config.get('format')!r}; this flexproj reads {FORMAT_VERSION}"
+        )
     return config, tensors
 
 
 def from_pretrained(
-    model: nn.Module,
+    model: Model,
     path: str | os.PathLike[str],
     processor: Any = None,
     *,
@@ -140,14 +150,21 @@ def from_pretrained(
     try:
         projector.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise CheckpointError(f"the checkpoint at {path} does not fit its own config: {exc}") from None
+        raise CheckpointError(
+            f"the checkpoint at {path} does not fit its own config: {exc}"
+        ) from None
     reference = next(model.parameters())
     projector.to(device=reference.device, dtype=reference.dtype)
 
     state = get_state(model)
     if state is None:
         default = config["default_tokens"] if tokens is None else tokens
-        patch(model, processor, tokens=min(default, adapter.native_tokens(model)) if tokens is None else default, projector=projector)
+        patch(
+            model,
+            processor,
+            tokens=min(default, adapter.native_tokens(model)) if tokens is None else default,
+            projector=projector,
+        )
     else:
         processors = [proc for proc, _ in state.processor_patchers]
         default = state.default_tokens if tokens is None else tokens

@@ -13,23 +13,24 @@ from typing import Any
 
 from torch import nn
 
+from flexproj._types import Model
 from flexproj.errors import PatchError
 
 STATE_ATTR = "flexproj_state"
 DEFAULT_TOKENS = 144
 
 
-def get_state(model: nn.Module) -> Any:
+def get_state(model: Model) -> Any:
     """The :class:`~flexproj.adapters.base.PatchState` of a patched model, else ``None``."""
     return getattr(model, STATE_ATTR, None)
 
 
-def is_patched(model: nn.Module) -> bool:
+def is_patched(model: Model) -> bool:
     return get_state(model) is not None
 
 
 def patch(
-    model: nn.Module,
+    model: Model,
     processor: Any = None,
     tokens: int | None = None,
     projector: Any = None,
@@ -62,7 +63,9 @@ def patch(
             "first, or flexproj.patch_processor(model, processor) to patch another processor"
         )
     native = adapter.native_tokens(model)
-    default = adapter.check_budget(min(DEFAULT_TOKENS, native) if tokens is None else tokens, native)
+    default = adapter.check_budget(
+        min(DEFAULT_TOKENS, native) if tokens is None else tokens, native
+    )
     if projector is None:
         projector = adapter.build_projector(model, hidden_dim=hidden_dim, kernel=kernel)
     else:
@@ -85,7 +88,7 @@ def patch(
     return model
 
 
-def patch_processor(model: nn.Module, processor: Any) -> Any:
+def patch_processor(model: Model, processor: Any) -> Any:
     """Make ``processor`` emit placeholders for patched ``model``'s budget; returns it.
 
     A processor patched for another model is unpatched from it first.
@@ -122,7 +125,7 @@ def unpatch_processor(processor: Any) -> Any:
     return processor
 
 
-def unpatch(model: nn.Module) -> nn.Module:
+def unpatch(model: Model) -> nn.Module:
     """Undo :func:`patch`: the original projector object and methods come back."""
     state = get_state(model)
     if state is None:

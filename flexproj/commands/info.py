@@ -6,7 +6,16 @@ import argparse
 import platform
 from typing import Any
 
-PACKAGES = ("torch", "transformers", "safetensors", "einops", "triton", "xformers", "accelerate", "peft")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "einops",
+    "triton",
+    "xformers",
+    "accelerate",
+    "peft",
+)
 
 
 def register(subparsers: Any) -> None:
@@ -42,11 +51,15 @@ def run(args: argparse.Namespace) -> int:
     for name, reason in backend_status().items():
         if reason is None:
             problem = BACKENDS[name].device_problem(torch.device(dev))
-            reason_text = "available" if problem is None else f"installed, not usable on {dev}: {problem}"
+            reason_text = (
+                "available" if problem is None else f"installed, not usable on {dev}: {problem}"
+            )
         else:
             reason_text = f"unavailable: {reason}"
         print(f"  {name:<9} {reason_text}")
     for dtype in (torch.float32, torch.bfloat16):
-        print(f"  auto on {dev}/{str(dtype).removeprefix('torch.')}: {resolve_backend('auto', dev, dtype)}")
+        print(
+            f"  auto on {dev}/{str(dtype).removeprefix('torch.')}: {resolve_backend('auto', dev, dtype)}"
+        )
     print(f"model types: {', '.join(supported_models())}")
     return 0
