@@ -1,0 +1,363 @@
+"""Evaluate trained FlexProjectors at several vision-token budgets (``flexproj eval``).
+
+For each run directory (written by ``flexproj train``; see ``recipes/trainer.py``) the
+base model is loaded, the saved projector put on it with
+:func:`flexproj.from_pretrained` (plus the run's LoRA adapters or fine-tuned weights),
+and, at every budget N, on a LLaVA-format dataset:
+
+* **loss**: teacher-forced cross-entropy on the answer tokens (the training loss,
+  averaged over all answer tokens of the dataset);
+* **accuracy**: exact match of the greedy answer (``generate``, stopped at the family's
+  end-of-turn marker) with the reference, both lower-cased, punctuation removed and
+  whitespace collapsed; meant for short answers (VQA-style single words or phrases);
+* **prefill time**: wall time of one forward pass over the prompts (what ``generate``
+  spends before the first new token), per sample: the fastest of ``prefill_repeats``
+  passes per batch, then the median over batches (robust to a busy machine; the mean
+  is kept too), after one warm-up pass per N;
+* the vision tokens per sample the LLM actually received, and the accuracy per question
+  ``kind`` when the records carry one (the synthetic shapes data does).
+
+The prompt is the conversation up to its last answer, formatted as the run was trained
+(``recipe.json`` records the prompt format). Results go to ``eval.json``, a markdown
+table ``eval.md`` and a plot ``eval.png`` of accuracy and loss against N, one line per
+run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import string
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import flexproj
+from flexproj._types import Model
+from flexproj.errors import BudgetError, FlexprojError
+
+__all__ = [
+    "EvalError",
+    "EvalRun",
+    "evaluate",
+    "evaluate_model",
+    "load_run",
+    "normalize_answer",
+    "write_report",
+]
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+class EvalError(FlexprojError, ValueError):
+    """An evaluation that cannot run as asked (missing run files, unknown family ...)."""
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, punctuation removed, whitespace collapsed: ``" Red."`` -> ``"red"``."""
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+@dataclass
+class EvalRun:
+    """A loaded run: the model with its projector (and adapters), ready to evaluate."""
+
+    label: str
+    path: Path
+    model: Model
+    processor: Any
+    recipe: Any
+    info: dict[str, Any] = field(default_factory=dict)
+    keep: Any = None  # the peft wrapper, kept alive with its adapters
+
+
+def load_run(
+    run: str | Path,
+    *,
+    label: str | None = None,
+    model: str | None = None,
+    family: str | None = None,
+    dtype: str = "auto",
+    device: str | torch.device = "cpu",
+) -> EvalRun:
+    """Load base model + the run's projector (+ LoRA adapters / fine-tuned weights).
+
+    The base model and family come from the run's ``recipe.json``; ``model`` / ``family``
+    override them (a bare projector directory needs ``model``; the family is then inferred
+    from the model's ``model_type``).
+    """
+    from flexproj.recipes.family import get_recipe, recipe_for_model
+
+    path = Path(run)
+    if not (path / "flexproj.safetensors").is_file():
+        raise EvalError(f"--run {path}: no flexproj.safetensors (not a flexproj train output_dir?)")
+    info_file = path / "recipe.json"
+    info: dict[str, Any] = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    spec = model or info.get("model")
+    if not spec:
+        raise EvalError(f"--run {path} has no recipe.json: pass --model (the base model)")
+    family = family or info.get("family")
+    recipe = get_recipe(family) if family else recipe_for_model(str(spec))
+    outputs = info.get("outputs", {})
+    config = info.get("config", {})
+    weights = str(path / outputs["model"]) if outputs.get("model") else None
+    base, processor = recipe.load(
+        str(spec),
+        dtype=dtype,
+        attn_implementation=config.get("attn_implementation"),
+        processor_kwargs=json.loads(config["processor_kwargs"])
+        if config.get("processor_kwargs")
+        else None,
+        weights=weights,
+    )
+    flexproj.from_pretrained(base, path, processor)
+    keep = None
+    if outputs.get("lora"):
+        from peft import PeftModel
+
+        keep = PeftModel.from_pretrained(
+            base, str(path / outputs["lora"])
+        )  # LoRA layers go into `base`
+    base.to(device).eval()
+    return EvalRun(label or path.name, path, base, processor, recipe, info, keep)
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate_model(
+    run: EvalRun,
+    dataset: Any,
+    budgets: Sequence[int],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    prefill_repeats: int = 3,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Per-budget ``{"tokens", "loss", "accuracy", "prefill_ms_per_sample", ...}`` of one run."""
+    from tqdm.auto import tqdm
+
+    from flexproj.adapters import adapter_for
+    from flexproj.recipes.data import Batcher
+
+    say = log or tqdm.write
+    model, processor, recipe, info = run.model, run.processor, run.recipe, run.info
+    adapter = adapter_for(model)
+    native = adapter.native_tokens(model)
+    for n in budgets:
+        try:
+            adapter.check_budget(n, native)
+        except BudgetError as exc:
+            raise BudgetError(f"--tokens {n}: {exc}") from None
+    batcher = Batcher(
+        recipe,
+        processor,
+        prompt_format=recipe.resolve_prompt_format(processor, info.get("prompt_format", "auto")),
+        system_prompt=info.get("system_prompt"),
+        pad_to_square=bool(info.get("pad_to_square", recipe.use_pad_to_square(model, None))),
+    )
+    device = next(model.parameters()).device
+    image_token = recipe.image_token_id(model)
+    tokenizer = processor.tokenizer
+    stop = recipe.stop_token_ids(processor)
+    starts = list(range(0, len(dataset), batch_size))
+    results = []
+    for n in budgets:
+        loss_sum = 0.0
+        answer_tokens = correct = samples = vision = 0
+        prefill: list[float] = []  # seconds per sample, one entry per batch
+        by_kind: dict[str, list[int]] = {}
+        examples_out: list[dict[str, str]] = []
+        with flexproj.tokens(n):
+            bar = tqdm(starts, desc=f"{run.label} N={n}", disable=not progress, leave=False)
+            for b, start in enumerate(bar):
+                examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                batch = _to(batcher.train_batch(examples), device)
+                out = model(**batch)
+                count = int((batch["labels"][:, 1:] != -100).sum())
+                loss_sum += float(out.loss) * count
+                answer_tokens += count
+
+                prompts, answers = batcher.generation_batch(examples)
+                prompts = _to(prompts, device)
+                if b == 0:  # warm-up: not timed
+                    model(**prompts)
+                times = []
+                for _ in range(prefill_repeats):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    model(**prompts)
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+                prefill.append(min(times) / len(examples))
+                generated = model.generate(
+                    **prompts,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stop,
+                    pad_token_id=batcher.pad_id,
+                )
+                new = generated[:, prompts["input_ids"].shape[1] :]
+                for ids, ref, ex in zip(new.tolist(), answers, examples, strict=True):
+                    cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))  # end of turn
+                    answer = tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+                    hit = normalize_answer(answer) == normalize_answer(ref)
+                    correct += hit
+                    if ex.get("kind") is not None:
+                        by_kind.setdefault(str(ex["kind"]), []).append(int(hit))
+                    if len(examples_out) < 5:
+                        examples_out.append({"id": ex["id"], "answer": ref, "generated": answer})
+                samples += len(examples)
+                vision += int((prompts["input_ids"] == image_token).sum())
+        result = {
+            "tokens": n,
+            "vision_tokens_per_sample": vision / samples,
+            "loss": loss_sum / max(answer_tokens, 1),
+            "accuracy": correct / samples,
+            "prefill_ms_per_sample": 1000 * statistics.median(prefill),
+            "prefill_ms_per_sample_mean": 1000 * statistics.fmean(prefill),
+            "samples": samples,
+            "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+            "examples": examples_out,
+        }
+        say(
+            f"{run.label}: N={n:>4} vision tokens/sample {result['vision_tokens_per_sample']:.1f}  "
+            f"loss {result['loss']:.4f}  accuracy {result['accuracy']:.3f}  "
+            f"prefill {result['prefill_ms_per_sample']:.2f} ms/sample"
+        )
+        results.append(result)
+    return results
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def write_report(report: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
+    """``eval.json``, ``eval.md`` and ``eval.png`` (accuracy and loss vs N) in ``output_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "eval.json", "markdown": out / "eval.md", "plot": out / "eval.png"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+
+    lines = [
+        f"# flexproj eval: {report['data']}",
+        "",
+        f"{report['samples']} samples; accuracy = exact match after lower-casing and removing punctuation.",
+        "",
+        "| run | N | vision tokens / sample | loss | accuracy | prefill ms / sample |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in report["runs"]:
+        for r in run["results"]:
+            lines.append(
+                f"| {run['label']} | {r['tokens']} | {r['vision_tokens_per_sample']:.1f} | {r['loss']:.4f} "
+                f"| {r['accuracy']:.3f} | {r['prefill_ms_per_sample']:.2f} |"
+            )
+    paths["markdown"].write_text("\n".join(lines) + "\n")
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for run in report["runs"]:
+        ns = [r["tokens"] for r in run["results"]]
+        acc_ax.plot(ns, [r["accuracy"] for r in run["results"]], marker="o", label=run["label"])
+        loss_ax.plot(ns, [r["loss"] for r in run["results"]], marker="o", label=run["label"])
+    for ax, name in ((acc_ax, "accuracy (exact match)"), (loss_ax, "answer loss")):
+        ax.set_xlabel("vision tokens N")
+        ax.set_ylabel(name)
+        ax.set_xticks(report["budgets"])
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    acc_ax.set_ylim(-0.02, 1.02)
+    fig.suptitle(f"flexproj eval: {Path(report['data']).name}")
+    fig.tight_layout()
+    fig.savefig(paths["plot"], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def evaluate(
+    runs: Sequence[str | Path],
+    data: str | Path,
+    budgets: Sequence[int] = (64, 144, 256),
+    *,
+    labels: Sequence[str] | None = None,
+    output_dir: str | Path = "eval",
+    image_folder: str | Path | None = None,
+    max_samples: int | None = None,
+    model: str | None = None,
+    family: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    prefill_repeats: int = 3,
+    dtype: str = "auto",
+    device: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate every run at every budget; writes the reports and returns the JSON report."""
+    from flexproj.recipes.data import ConversationDataset
+
+    if not runs:
+        raise EvalError("give at least one --run directory")
+    if labels and len(labels) != len(runs):
+        raise EvalError(
+            f"{len(labels)} --label(s) for {len(runs)} --run(s); give one per run or none"
+        )
+    if not budgets:
+        raise EvalError("give at least one budget (--tokens)")
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
+                        ("prefill_repeats", prefill_repeats)):  # fmt: skip
+        if value < 1:
+            raise EvalError(f"--{name} must be at least 1, got {value}")
+    dataset = ConversationDataset(data, image_folder, max_samples)  # checked before any model loads
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    report: dict[str, Any] = {
+        "data": str(data),
+        "samples": len(dataset),
+        "budgets": [int(n) for n in budgets],
+        "device": str(target),
+        "runs": [],
+    }
+    for i, run_dir in enumerate(runs):
+        label = labels[i] if labels else None
+        run = load_run(run_dir, label=label, model=model, family=family, dtype=dtype, device=target)
+        results = evaluate_model(
+            run,
+            dataset,
+            budgets,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            prefill_repeats=prefill_repeats,
+            progress=progress,
+            log=log,
+        )
+        report["runs"].append(
+            {
+                "label": run.label,
+                "run": str(run.path),
+                "model": run.info.get("model", model),
+                "results": results,
+            }
+        )
+        del run
+    paths = write_report(report, output_dir)
+    (log or print)(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return report

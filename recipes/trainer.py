@@ -1,0 +1,511 @@
+"""The shared trainer: stochastic vision-token budgets on Hugging Face ``Trainer``.
+
+One code path for every engine ``Trainer`` / accelerate supports: a single process,
+``torchrun`` / ``accelerate launch`` (DDP), FSDP and DeepSpeed (``--fsdp``,
+``--deepspeed``), with mixed precision, gradient accumulation and checkpointing, logs and
+progress bars all from ``Trainer`` (every ``TrainingArguments`` flag passes through).
+
+Why tokenisation happens inside the training step: the number of image placeholders in
+``input_ids`` depends on the budget N. So the data collator returns raw examples, and
+:meth:`FlexTrainer.compute_loss` draws ``N = schedule.budget_at(state.global_step)``
+(a pure function of the seed and the optimiser step: the same on every rank, the same
+for every micro-batch of a step under gradient accumulation, and the same after a
+resume), then runs the patched processor *and* the model inside ``flexproj.tokens(N)``.
+The loss is the model's causal-LM loss on answer tokens only (labels are -100 on the
+prompt, the image placeholders and padding), a mean per micro-batch.
+
+Logged with every ``loss`` (and so shown by the progress bar, kept in
+``trainer_state.json`` and in ``<output_dir>/train_log.jsonl``): ``tokens`` (the N of the
+latest step), ``tokens_mean`` (mean N over the logging window), ``vision_tokens`` (image
+placeholder tokens the LLM consumed in the window, all ranks) and ``vision_tokens_total``.
+Every rank also appends one line per micro-batch to ``<output_dir>/budgets/rank<r>.jsonl``
+(step, counted from 1 as in the logs, N, images, vision tokens, example ids): the record
+that all ranks trained at the same N, each on its own share of the batch.
+
+Outputs in ``output_dir``: ``flexproj.safetensors`` + ``flexproj_config.json`` (the
+projector, with the token schedule, via :func:`flexproj.save_pretrained`), ``lora/``
+(peft adapters, ``--lora``) or ``model/`` (the full model in transformers format with
+the *stock* projector back in its slot, full ``finetune``), ``recipe.json`` (how the run
+was made; ``flexproj eval --run`` reads it), ``distill.json`` (``--init distill``).
+Intermediate ``checkpoint-<step>/`` directories hold only the trainable parameters
+(``trainable.safetensors``), the projector, and ``Trainer``'s optimizer / scheduler / RNG
+state, so resuming continues the exact loss sequence. (Under FSDP / DeepSpeed the
+engine's own checkpoint format is used instead.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import flexproj
+from flexproj._types import Model
+from flexproj.adapters import adapter_for
+from flexproj.errors import BudgetError, FlexprojError
+from flexproj.patching import get_state
+from flexproj.projector import FlexProjector
+from flexproj.recipes.config import ConfigError, RecipeConfig, parse_args
+from flexproj.recipes.data import Batcher, ConversationDataset, collate_examples
+from flexproj.recipes.family import FamilyRecipe, get_recipe
+from flexproj.schedule import TokenSchedule
+
+__all__ = ["FlexTrainer", "main", "train"]
+
+TRAINABLE_NAME = "trainable.safetensors"
+RECIPE_NAME = "recipe.json"
+DISTILL_NAME = "distill.json"
+TRAIN_LOG_NAME = "train_log.jsonl"
+BUDGET_DIR = "budgets"
+_WRAPPERS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def _unwrap_peft(model: Model) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _module_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise RuntimeError("the FlexProjector is not a submodule of the trained model")
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every log entry (with its step) to ``path`` on the main process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(
+        self, args: TrainingArguments, state: Any, control: Any, logs: Any = None, **kwargs: Any
+    ) -> None:
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class FlexTrainer(Trainer):
+    """``Trainer`` whose step tokenises raw examples under the step's vision-token budget."""
+
+    def __init__(
+        self,
+        *args: Any,
+        batcher: Batcher,
+        schedule: TokenSchedule,
+        image_token_id: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.batcher = batcher
+        self.schedule = schedule
+        self.image_token_id = image_token_id
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
+        self.model_accepts_loss_kwargs = False
+        self._window_budgets: dict[int, int] = {}
+        self._window_vision = 0
+        self._vision_total: int | None = None
+        budget_dir = Path(str(self.args.output_dir)) / BUDGET_DIR
+        budget_dir.mkdir(parents=True, exist_ok=True)
+        self.budget_log = budget_dir / f"rank{self.args.process_index}.jsonl"
+
+    def budget_at(self, step: int) -> int:
+        """The vision-token budget of optimiser step ``step`` (0-based)."""
+        return self.schedule.budget_at(step)
+
+    def compute_loss(
+        self,
+        model: Model,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        examples = inputs["examples"]
+        step = self.state.global_step  # advances after the optimiser step: shared by micro-batches
+        n = self.budget_at(step)
+        with flexproj.tokens(n):
+            batch = self._prepare_inputs(self.batcher.train_batch(examples))
+            outputs = model(**batch)
+        vision = int((batch["input_ids"] == self.image_token_id).sum())
+        self._record(
+            step,
+            n,
+            sum(len(ex["images"]) for ex in examples),
+            vision,
+            [ex["id"] for ex in examples],
+        )
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _record(self, step: int, n: int, images: int, vision: int, ids: list[str]) -> None:
+        self._window_budgets[step] = n
+        self._window_vision += vision
+        line = {"step": step + 1, "tokens": n, "images": images, "vision_tokens": vision,
+                "rank": self.args.process_index, "ids": ids}  # fmt: skip
+        with self.budget_log.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs come from _maybe_log_save_evaluate, which every rank runs: the
+        # reduce below is matched on all ranks.
+        if "loss" in logs and self._window_budgets:
+            vision = torch.tensor(float(self._window_vision), device=self.args.device)
+            if self.args.world_size > 1:
+                vision = self.accelerator.reduce(vision, reduction="sum")
+            if self._vision_total is None:  # resumed runs continue the count
+                previous = [
+                    e["vision_tokens_total"]
+                    for e in self.state.log_history
+                    if "vision_tokens_total" in e
+                ]
+                self._vision_total = int(previous[-1]) if previous else 0
+            self._vision_total += int(vision.item())
+            budgets = [self._window_budgets[s] for s in sorted(self._window_budgets)]
+            logs["tokens"] = budgets[-1]
+            logs["tokens_mean"] = sum(budgets) / len(budgets)
+            logs["vision_tokens"] = int(vision.item())
+            logs["vision_tokens_total"] = self._vision_total
+            self._window_budgets, self._window_vision = {}, 0
+        super().log(logs, start_time)
+
+    # --- checkpoints: trainable parameters only (DDP / single process) --------------
+    def _sharded(self) -> bool:
+        return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self._sharded():
+            super().save_model(output_dir, _internal_call)
+            return
+        from safetensors.torch import save_file
+
+        if not self.args.should_save:
+            return
+        directory = Path(str(output_dir or self.args.output_dir))
+        directory.mkdir(parents=True, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = {
+            n: p.detach().to("cpu").contiguous()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+        save_file(trainable, str(directory / TRAINABLE_NAME), metadata={"format": "pt"})
+        flexproj.save_pretrained(_unwrap_peft(model), directory, schedule=self.schedule.to_dict())
+        torch.save(self.args, directory / "training_args.bin")
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: Model | None = None
+    ) -> None:
+        file = Path(resume_from_checkpoint) / TRAINABLE_NAME
+        if self._sharded() or not file.is_file():
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        from safetensors.torch import load_file
+
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        tensors = load_file(str(file))
+        expected = {n for n, p in target.named_parameters() if p.requires_grad}
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise ConfigError(
+                f"{file} does not fit this run (different --stage / --lora?): missing "
+                f"{missing[:3]}, unexpected {extra[:3]}"
+            )
+        try:
+            target.load_state_dict(tensors, strict=False)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"{file} does not fit this run (different --lora_r / model?): {str(exc).splitlines()[-1].strip()}"
+            ) from None
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def _set_trainable(model: Model, recipe: FamilyRecipe, config: RecipeConfig) -> None:
+    """Freeze everything, then unfreeze the projector (+ the LLM for full finetune)."""
+    state = get_state(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.stage == "finetune" and not config.lora:
+        for module in recipe.llm_modules(model):
+            module.requires_grad_(True)
+    state.projector.requires_grad_(True)
+
+
+def _apply_lora(model: Model, recipe: FamilyRecipe, config: RecipeConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=recipe.lora_target(model, config.lora_target),
+    )
+    projector = get_state(model).projector
+    peft_model = get_peft_model(model, lora)
+    projector.requires_grad_(True)  # trained in full, saved by flexproj.save_pretrained
+    return peft_model
+
+
+def _check_schedule(model: Model, schedule: TokenSchedule, log: Callable[[str], None]) -> None:
+    adapter = adapter_for(model)
+    native = adapter.native_tokens(model)
+    for n in schedule.tokens:
+        try:
+            adapter.check_budget(n, native)
+        except BudgetError as exc:
+            raise BudgetError(f"--schedule {list(schedule.tokens)}: {exc}") from None
+    if adapter.caps_budget and any(n > native for n in schedule.tokens):
+        log(f"note: budgets above {native} are capped per {adapter.unit} by this family")
+
+
+def _count(model: Model) -> tuple[int, int]:
+    params = list({id(p): p for p in model.parameters()}.values())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _resume_arg(value: Any) -> Any:
+    if isinstance(value, str) and value.lower() in ("true", "last"):
+        return True
+    return value or None
+
+
+def _save_final(
+    trainer: FlexTrainer,
+    config: RecipeConfig,
+    processor: Any,
+    stock_projector: dict[str, torch.Tensor],
+    output_dir: Path,
+) -> dict[str, str]:
+    """Projector (always), LoRA adapters or the full model (finetune); main process writes."""
+    sharded = trainer._sharded()
+    state_dict = trainer.accelerator.get_state_dict(
+        trainer.model_wrapped if sharded else trainer.model
+    )
+    if not trainer.args.should_save:
+        return {}
+    unwrapped: Model = trainer.accelerator.unwrap_model(trainer.model)
+    base: Model = _unwrap_peft(unwrapped)
+    state = get_state(base)
+    # state-dict names, without the wrapper modules FSDP / activation checkpointing insert
+    prefix = _WRAPPERS.sub("", _module_name(unwrapped, state.projector)) + "."
+    tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    projector = FlexProjector(**state.projector.config(), kernel=state.projector.kernel)
+    projector.load_state_dict(tensors)
+    live, state.projector = state.projector, projector  # save the gathered weights
+    try:
+        flexproj.save_pretrained(base, output_dir, schedule=trainer.schedule.to_dict())
+    finally:
+        state.projector = live
+    outputs = {"projector": "."}
+    if config.lora:
+        unwrapped.save_pretrained(str(output_dir / "lora"), state_dict=state_dict)
+        outputs["lora"] = "lora"
+    elif config.stage == "finetune":
+        # transformers format, with the stock projector back where it was: loads with the
+        # family's class; flexproj.from_pretrained(model, output_dir) adds the FlexProjector.
+        full = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+        full.update(stock_projector)
+        base.save_pretrained(str(output_dir / "model"), state_dict=full)
+        if not config.is_tiny:
+            processor.save_pretrained(str(output_dir / "model"))
+        outputs["model"] = "model"
+    return outputs
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def train(
+    family: str,
+    config: RecipeConfig,
+    training_args: TrainingArguments,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run one recipe stage; returns a summary (also written to ``recipe.json``)."""
+    from transformers import set_seed
+
+    recipe = get_recipe(family)
+    is_main = training_args.process_index == 0
+    say: Callable[[str], None] = log or (print if is_main else (lambda _msg: None))
+    output_dir = Path(str(training_args.output_dir))
+
+    # 1. everything that can be checked without the model
+    dataset = ConversationDataset(config.data or "", config.image_folder, config.max_samples)
+    schedule = config.token_schedule(training_args.seed)
+    say(f"data: {len(dataset)} conversations from {config.data}")
+
+    # 2. model, projector, budgets
+    set_seed(training_args.seed)
+    model, processor = recipe.load(
+        str(config.model),
+        dtype=config.dtype,
+        attn_implementation=config.attn_implementation,
+        processor_kwargs=config.processor_options(),
+    )
+    model_type = model.config.model_type
+    if model_type not in recipe.model_types:
+        raise ConfigError(
+            f"{config.model} is a {model_type!r} model, not one the {family} recipe trains"
+        )
+    stock_keys = dict(model.state_dict())
+    if config.init in ("random", "distill"):
+        flexproj.patch(model, kernel=config.kernel, hidden_dim=config.hidden_dim)
+    else:
+        flexproj.from_pretrained(model, config.init, kernel=config.kernel)
+        say(f"projector: loaded from {config.init}")
+    patched_keys = set(model.state_dict())
+    stock_projector = {k: v for k, v in stock_keys.items() if k not in patched_keys}
+    del stock_keys
+    _check_schedule(model, schedule, say)
+    say(f"schedule: {dict(zip(schedule.tokens, schedule.probabilities, strict=True))} "
+        f"(expected {schedule.expected_tokens:.1f} vision tokens per {adapter_for(model).unit})")  # fmt: skip
+
+    prompt_format = recipe.resolve_prompt_format(processor, config.prompt_format)
+    batcher = Batcher(
+        recipe,
+        processor,
+        prompt_format=prompt_format,
+        system_prompt=config.system_prompt,
+        pad_to_square=recipe.use_pad_to_square(model, config.pad_to_square),
+        max_length=config.max_length,
+    )
+    for record in dataset.records[:64]:  # template problems surface now, not at step 10k
+        batcher.segments(record.messages)
+
+    # 3. warm start
+    distill: dict[str, Any] | None = None
+    if config.init == "distill":
+        distill = _run_distill(model, processor, recipe, dataset, config, training_args, say)
+    flexproj.patch_processor(model, processor)
+    with flexproj.tokens(schedule.max_tokens):  # one batch through the processor, before training
+        probe = batcher.train_batch([dataset[0]])
+    if not (probe["labels"] != -100).any():
+        raise ConfigError("the first conversation has no answer tokens to train on")
+
+    # 4. what trains
+    _set_trainable(model, recipe, config)
+    if config.lora:
+        model = _apply_lora(model, recipe, config)
+    trainable, total = _count(model)
+    say(f"stage {config.stage}{' (LoRA)' if config.lora else ''}: {trainable:,} of {total:,} "
+        f"parameters trainable; prompt format: {prompt_format}")  # fmt: skip
+    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+    summary: dict[str, Any] = {
+        "family": family,
+        "model": config.model,
+        "model_type": model_type,
+        "stage": config.stage,
+        "lora": config.lora,
+        "prompt_format": prompt_format,
+        "system_prompt": config.system_prompt,
+        "pad_to_square": batcher.pad_to_square,
+        "schedule": schedule.to_dict(),
+        "flexproj_version": flexproj.__version__,
+        "config": config.to_dict(),
+    }
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RECIPE_NAME).write_text(
+            json.dumps({**summary, "status": "training"}, indent=2, default=str) + "\n"
+        )
+        if distill is not None:
+            (output_dir / DISTILL_NAME).write_text(json.dumps(distill, indent=2) + "\n")
+
+    # 5. train (a fresh run starts fresh logs; a resumed one appends)
+    resume = _resume_arg(training_args.resume_from_checkpoint)
+    if not resume:
+        (output_dir / BUDGET_DIR / f"rank{training_args.process_index}.jsonl").unlink(
+            missing_ok=True
+        )
+        if is_main:
+            (output_dir / TRAIN_LOG_NAME).unlink(missing_ok=True)
+    trainer = FlexTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collate_examples,
+        batcher=batcher,
+        schedule=schedule,
+        image_token_id=recipe.image_token_id(_unwrap_peft(model)),
+        callbacks=[JsonlLogCallback(output_dir / TRAIN_LOG_NAME)],
+    )
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    summary["train_seconds"] = time.perf_counter() - start
+    summary["global_step"] = result.global_step
+    summary["train_loss"] = result.training_loss
+    if distill is not None:
+        summary["distill"] = {k: v for k, v in distill.items() if k != "history"}
+
+    # 6. save
+    summary["outputs"] = _save_final(trainer, config, processor, stock_projector, output_dir)
+    if is_main:
+        trainer.save_state()
+        trainer.save_metrics("train", result.metrics)
+        summary["status"] = "done"
+        (output_dir / RECIPE_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        say(
+            f"saved to {output_dir}: {', '.join(f'{k}={v}' for k, v in summary['outputs'].items())}"
+        )
+    return summary
+
+
+def _run_distill(
+    model: Model,
+    processor: Any,
+    recipe: FamilyRecipe,
+    dataset: ConversationDataset,
+    config: RecipeConfig,
+    training_args: TrainingArguments,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    from flexproj.recipes.distill import distill_projector
+
+    device = training_args.device
+    model.to(device)
+    records = (
+        dataset.records[: config.distill_samples] if config.distill_samples else dataset.records
+    )
+    return distill_projector(
+        model,
+        processor,
+        recipe,
+        records,
+        steps=config.distill_steps,
+        lr=config.distill_lr,
+        batch_size=config.distill_batch_size,
+        cosine_weight=config.distill_cosine_weight,
+        seed=training_args.seed,
+        log=say,
+    )
+
+
+def main(family: str, argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Command-line entry: ``python -m flexproj.recipes.<family>`` / ``flexproj train <family>``."""
+    try:
+        recipe = get_recipe(family)
+        config, training_args = parse_args(argv, recipe.stage_defaults, prog=prog)
+        train(family, config, training_args)
+    except FlexprojError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # python -m flexproj.recipes.trainer <family> ...
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        print("usage: python -m flexproj.recipes.trainer FAMILY [options]", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(sys.argv[1], sys.argv[2:]))
