@@ -3,24 +3,12 @@
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from flexproj.errors import BudgetError
 from flexproj.evaluate import EvalError, evaluate, normalize_answer
 from flexproj.recipes.trainer import main as train_main
 from flexproj.testing.datasets import make_samples, write_llava_dataset
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine two OpenMP
-    threads can stall each other for whole time slices (measured: 36 s vs 1 s for the eval
-    command test); these tests run on one thread and give the setting back afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

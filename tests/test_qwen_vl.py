@@ -38,16 +38,6 @@ MERGE = 2
 pytestmark = pytest.mark.parametrize("family", FAMILIES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is fastest, and it does not stall when the
-    machine is busy (two OpenMP threads on a loaded 2-core box made this file 8x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- helpers
 
 

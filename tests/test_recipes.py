@@ -30,17 +30,6 @@ FAMILIES = {"llava": "llava", "qwen_vl": "qwen2_vl", "internvl": "internvl"}
 ADAPTER_TYPES = {"llava": "llava", "qwen_vl": "qwen2_vl", "internvl": "internvl"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine two OpenMP
-    threads can stall each other for whole time slices (measured: 36 s vs 1 s for the eval
-    command test); these tests run on one thread and give the setting back afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_llava_dataset(make_samples(8, seed=0), tmp_path_factory.mktemp("data"))
