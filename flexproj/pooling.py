@@ -15,6 +15,7 @@ Token layout everywhere is row-major: token ``r*W + c`` is grid cell ``(r, c)``.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -26,9 +27,15 @@ __all__ = ["Grid", "pool_grid", "pool_packed", "target_grid"]
 
 
 def _check_grid(grid: Sequence[int], name: str) -> Grid:
-    if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) for g in grid):
+    if len(grid) != 2 or any(isinstance(g, (bool, float)) for g in grid):
         raise TypeError(f"{name} must be a pair of ints (rows, cols), got {grid!r}")
-    h, w = int(grid[0]), int(grid[1])
+    try:
+        # operator.index, not int(): under torch.compile a grid that changed between
+        # calls arrives as a SymInt, and index() specialises it (one guard per grid)
+        # where inductor cannot lower adaptive_avg_pool2d to a symbolic size.
+        h, w = operator.index(grid[0]), operator.index(grid[1])
+    except TypeError:
+        raise TypeError(f"{name} must be a pair of ints (rows, cols), got {grid!r}") from None
     if h <= 0 or w <= 0:
         raise ValueError(f"{name} must be positive, got {grid!r}")
     return h, w

@@ -10,6 +10,7 @@ embedding.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -117,8 +118,12 @@ class FlexProjector(nn.Module):
             if len(tokens) != 2:
                 raise ValueError(f"tokens as a grid must be (h, w), got {tokens!r}")
             h, w = (check_token_count(t) for t in tokens)
-            return h, w
-        return target_grid(check_token_count(tokens), grid, allow_upsample=allow_upsample)
+        else:
+            h, w = target_grid(check_token_count(tokens), grid, allow_upsample=allow_upsample)
+        # Under torch.compile a budget that changed between calls arrives as a SymInt
+        # (automatic dynamic), and inductor cannot lower adaptive_avg_pool2d to a
+        # symbolic size. operator.index specialises it: one guard, one graph per grid.
+        return operator.index(h), operator.index(w)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm + SwiGLU on already-pooled tokens: ``(..., in_dim) -> (..., out_dim)``."""

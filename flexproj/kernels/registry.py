@@ -150,6 +150,20 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> str:
     return "eager"
 
 
+def _resolve_traced(name: str, device_type: str, dtype: torch.dtype) -> str:
+    """:func:`resolve_backend` as torch.compile sees it: called once at trace time, its
+    result kept as a constant (the inputs stay guarded). Traced instead, the
+    ``functools.cache`` wrappers are ignored (with a warning) and their bodies run
+    under Dynamo, which cannot trace the xformers import check."""
+    return resolve_backend(name, device_type, dtype)
+
+
+# What torch.compiler.assume_constant_result(fn) does (torch 2.4 to 2.13: it sets this
+# flag); calling it here would import torch._dynamo (about 1 s, and triton) at
+# ``import flexproj``. tests/test_compile.py checks the flag is still the mechanism.
+_resolve_traced._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def swiglu(
     x: torch.Tensor,
     w12: torch.Tensor,
@@ -159,5 +173,5 @@ def swiglu(
     kernel: str = "auto",
 ) -> torch.Tensor:
     """SwiGLU on packed weights with the chosen backend (see :mod:`flexproj.kernels`)."""
-    name = resolve_backend(kernel, x.device.type, x.dtype)
+    name = _resolve_traced(kernel, x.device.type, x.dtype)
     return BACKENDS[name].load()(x, w12, b12, w3, b3)

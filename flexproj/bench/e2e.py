@@ -1,0 +1,719 @@
+"""``flexproj bench e2e``: prefill, decode and KV cache per token budget, per family.
+
+Each family is a real transformers model built offline by
+:func:`flexproj.testing.tiny_vlm` at **realistic widths and real patch grids but few
+layers** (default: one vision layer, two LLM layers), so it runs on a CPU while the
+token counts, projector shapes and per-token KV sizes are those of the real models.
+Its stock model is timed first, then the same weights patched by
+:func:`flexproj.patch`, at the native budget (the stock token count) and at each
+smaller budget.
+
+One ``generate`` call (greedy, ``decode_tokens + 1`` new tokens) is one sample: a
+logits processor stamps the time at every step, so prefill is the time to the first
+logits (vision tower + projector + LLM prefill) and each later interval is one decode
+step. KV-cache bytes are counted from the ``past_key_values`` that ``generate``
+returns (the prompt positions of every key and value tensor). Vision time (tower +
+projector alone) is timed separately through ``get_image_features``.
+
+The ideal prefill ratio is the token-count ratio (prompt length at N / stock prompt
+length); the vision tower's cost does not shrink with N, so measured ratios sit above
+it, and decode per token barely moves at batch 1 (it reads the weights, not the cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flexproj.bench.report import (
+    environment,
+    environment_markdown,
+    fmt_bytes,
+    fmt_ms,
+    fmt_ratio,
+    markdown_table,
+    pick_device,
+    set_threads,
+    write_results,
+)
+from flexproj.bench.timing import Stopwatch, summarize
+
+__all__ = ["SPECS", "E2ESpec", "add_arguments", "kv_cache_bytes", "run", "run_e2e"]
+
+DEFAULT_TOKENS = (64, 144, 256)
+
+
+@dataclass(frozen=True)
+class E2ESpec:
+    """How to build one family at realistic widths (``tiny_vlm`` overrides)."""
+
+    family: str  # tiny_vlm family == config.model_type
+    image: tuple[int, int]  # (width, height) of the one image per prompt, pixels
+    native_budget: int  # the budget that reproduces the stock count per unit
+    vision: dict[str, Any]  # vision_config overrides (width, grid); depth is added
+    text_kind: str  # "llama" (MHA, Vicuna-like) or "qwen2" (GQA 4 query heads per KV head)
+    top: dict[str, Any] = field(default_factory=dict)  # top-level config overrides
+    image_processor: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+    depth_key: str = "num_hidden_layers"
+
+    def overrides(
+        self, *, text_hidden: int, text_layers: int, vision_layers: int, quick: bool
+    ) -> dict[str, Any]:
+        vision = dict(self.vision)
+        if quick:  # same grid, tiny widths
+            for key in ("hidden_size", "embed_dim"):
+                if key in vision:
+                    vision[key] = 32
+            for key in ("intermediate_size",):
+                if key in vision:
+                    vision[key] = 64
+            vision["num_heads" if "num_heads" in vision else "num_attention_heads"] = 4
+            text_hidden = 64
+        vision[self.depth_key] = vision_layers
+        if self.family == "qwen2_5_vl":
+            vision["fullatt_block_indexes"] = [vision_layers - 1] if vision_layers > 1 else []
+        if self.family == "qwen3_vl":
+            vision["deepstack_visual_indexes"] = [0]
+        head_dim = 16 if quick else 128
+        heads = max(1, text_hidden // head_dim)
+        kv_heads = heads if self.text_kind == "llama" else max(1, heads // 4)
+        text = {
+            "hidden_size": text_hidden,
+            "intermediate_size": round(text_hidden * 2.6875 / 64) * 64,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 4096,
+        }
+        if self.family == "qwen3_vl":
+            text["head_dim"] = head_dim
+        out: dict[str, Any] = {**self.top, "vision_config": vision, "text_config": text}
+        if self.image_processor:
+            out["image_processor"] = dict(self.image_processor)
+        return out
+
+
+_CLIP_L336 = {
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "projection_dim": 768,
+}
+_SIGLIP_SO400M_384 = {
+    "image_size": 384,
+    "patch_size": 14,
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_attention_heads": 16,
+}
+_QWEN_448 = {"min_pixels": 56 * 56, "max_pixels": 448 * 448}
+
+SPECS: dict[str, E2ESpec] = {
+    "llava": E2ESpec(
+        "llava",
+        image=(336, 336),
+        native_budget=576,
+        vision=_CLIP_L336,
+        text_kind="llama",
+        top={"vision_feature_layer": -1, "image_seq_length": 576},
+        note="LLaVA-1.5: CLIP-L/336 (24x24 grid, width 1024), Vicuna-like LLM (MHA)",
+    ),
+    "llava_next": E2ESpec(
+        "llava_next",
+        image=(336, 336),
+        native_budget=576,
+        vision=_CLIP_L336,
+        text_kind="llama",
+        top={"vision_feature_layer": -1, "image_grid_pinpoints": [[336, 336]]},
+        note="LLaVA-NeXT: CLIP-L/336, pinpoints [[336,336]]: base image + 1 crop, "
+        "newline tokens; budget per crop",
+    ),
+    "llava_onevision": E2ESpec(
+        "llava_onevision",
+        image=(384, 384),
+        native_budget=729,
+        vision=_SIGLIP_SO400M_384,
+        text_kind="qwen2",
+        top={"vision_feature_layer": -1, "image_grid_pinpoints": [[384, 384]]},
+        note="LLaVA-OneVision: SigLIP-so400m/384 (27x27, width 1152), pinpoints [[384,384]]: "
+        "base + 1 crop; Qwen2 LLM (GQA); budget per crop",
+    ),
+    "qwen2_vl": E2ESpec(
+        "qwen2_vl",
+        image=(448, 448),
+        native_budget=256,
+        vision={
+            "embed_dim": 1280,
+            "num_heads": 16,
+            "mlp_ratio": 4,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        depth_key="depth",
+        text_kind="qwen2",
+        image_processor=_QWEN_448,
+        note="Qwen2-VL: 448x448 image, patch 14: 32x32 patches (width 1280), 256 merged "
+        "tokens stock",
+    ),
+    "qwen2_5_vl": E2ESpec(
+        "qwen2_5_vl",
+        image=(448, 448),
+        native_budget=256,
+        vision={
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+        },
+        depth_key="depth",
+        text_kind="qwen2",
+        image_processor=_QWEN_448,
+        note="Qwen2.5-VL-7B-like: 448x448, patch 14: 32x32 patches (width 1280), window "
+        "attention, 256 merged tokens stock",
+    ),
+    "qwen3_vl": E2ESpec(
+        "qwen3_vl",
+        image=(512, 512),
+        native_budget=256,
+        vision={
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_heads": 16,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 2304,
+        },
+        depth_key="depth",
+        text_kind="qwen2",
+        image_processor={"min_pixels": 64 * 64, "max_pixels": 512 * 512},
+        note="Qwen3-VL: 512x512 image, patch 16: 32x32 patches (width 1152), deepstack, "
+        "256 merged tokens stock",
+    ),
+    "internvl": E2ESpec(
+        "internvl",
+        image=(448, 448),
+        native_budget=256,
+        vision={
+            "image_size": [448, 448],
+            "patch_size": [14, 14],
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+        },
+        text_kind="qwen2",
+        image_processor={"max_patches": 1},
+        note="InternVL: one 448 px tile, patch 14: 32x32 grid (InternViT-300M width 1024), "
+        "256 tokens after pixel shuffle stock; Qwen2 LLM",
+    ),
+}
+
+_FILLER = "describe the picture in one short word please . what is in the image ?".split()
+
+
+def _prompt(family: str, text_tokens: int) -> str:
+    from flexproj.testing import IMAGE_PLACEHOLDER
+
+    words = [_FILLER[i % len(_FILLER)] for i in range(max(0, text_tokens - 4))]
+    return f"user : {IMAGE_PLACEHOLDER[family]} {' '.join(words)} assistant :"
+
+
+def kv_cache_bytes(cache: Any, positions: int | None = None) -> int:
+    """Bytes of every key/value tensor in ``cache`` (a transformers ``Cache`` or legacy
+    tuples); with ``positions``, only the first ``positions`` sequence positions."""
+    total = 0
+    for t in _cache_tensors(cache):
+        if positions is None or t.dim() < 2:
+            total += t.numel() * t.element_size()
+        else:
+            seq = t.shape[-2]
+            total += t.numel() // max(seq, 1) * min(seq, positions) * t.element_size()
+    return total
+
+
+def _cache_tensors(cache: Any) -> list[torch.Tensor]:
+    if isinstance(cache, torch.Tensor):
+        return [cache] if cache.numel() else []
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        out = []
+        for layer in layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor) and t.numel():
+                    out.append(t)
+        return out
+    if isinstance(cache, (tuple, list)):
+        return [t for item in cache for t in _cache_tensors(item)]
+    for name in ("self_attention_cache", "key_cache"):  # older / encoder-decoder caches
+        inner = getattr(cache, name, None)
+        if inner is not None:
+            return _cache_tensors(inner) + _cache_tensors(getattr(cache, "value_cache", ()))
+    return []
+
+
+def _stamp_processor(watch: Stopwatch, stamps: list[float]) -> Any:
+    from transformers import LogitsProcessor
+
+    class Stamp(LogitsProcessor):
+        """Records the time at each generation step (after that step's forward)."""
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> Any:
+            stamps.append(watch.lap())
+            return scores
+
+    return Stamp()
+
+
+@dataclass
+class _Samples:
+    """Per-variant samples collected across round-robin rounds (seconds)."""
+
+    prefill: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)
+    vision: list[float] = field(default_factory=list)
+    first_prefill: float | None = None
+    first_vision: float | None = None
+    cache: Any = None
+    generated: int = 0
+
+
+def _generate_once(
+    model: Any, inputs: dict[str, torch.Tensor], decode_tokens: int, watch: Stopwatch
+) -> tuple[list[float], Any]:
+    """One greedy ``generate``: ``[prefill, decode step, ...]`` seconds, and its output."""
+    from transformers import LogitsProcessorList
+
+    stamps: list[float] = []
+    processors = LogitsProcessorList([_stamp_processor(watch, stamps)])
+    watch.start()
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=decode_tokens + 1,
+            min_new_tokens=decode_tokens + 1,
+            do_sample=False,
+            use_cache=True,
+            return_dict_in_generate=True,
+            logits_processor=processors,
+        )
+    return stamps, out
+
+
+def _vision_once(model: Any, inputs: dict[str, torch.Tensor], watch: Stopwatch) -> float:
+    """``get_image_features`` alone (vision tower + projector), with the kwargs that
+    ``generate`` would pass (chosen by signature)."""
+    fn = model.model.get_image_features
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in inputs.items() if k in params}
+    watch.start()
+    with torch.inference_mode():
+        fn(**kwargs)
+    return watch.stop()
+
+
+def _image_token_id(model: Any, processor: Any) -> int:
+    for source in (processor, model.config):
+        value = getattr(source, "image_token_id", None)
+        if isinstance(value, int):
+            return value
+    return int(model.config.image_token_index)
+
+
+def _bench_family(
+    spec: E2ESpec,
+    *,
+    tokens: Sequence[int],
+    text_hidden: int,
+    text_layers: int,
+    vision_layers: int,
+    text_tokens: int,
+    batch: int,
+    decode_tokens: int,
+    warmup: int,
+    repeats: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    quick: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    import flexproj
+    from flexproj.patching import get_state, is_patched
+    from flexproj.testing import tiny_images, tiny_vlm
+
+    overrides = spec.overrides(
+        text_hidden=text_hidden, text_layers=text_layers, vision_layers=vision_layers, quick=quick
+    )
+    model: Any
+    model, processor = tiny_vlm(spec.family, **overrides)
+    model.to(device=device, dtype=dtype).eval()
+    image_id = _image_token_id(model, processor)
+    images = tiny_images([spec.image] * batch, seed=0)
+    prompt = _prompt(spec.family, text_tokens)
+
+    def build_inputs() -> dict[str, torch.Tensor]:
+        batch_inputs = processor(text=[prompt] * batch, images=images, return_tensors="pt")
+        return {
+            k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+            for k, v in batch_inputs.items()
+            if isinstance(v, torch.Tensor)
+        }
+
+    # Every variant (stock, then each budget) gets one vision call and one generate call
+    # per round, rounds rotating the order, so drifting machine load hits all alike.
+    # Switching variant swaps the projector module (unpatch / patch with the same
+    # FlexProjector object); the inputs of each variant are built once, up front.
+    variants: list[tuple[str, int | None]] = [("stock", None)]
+    variants += [(f"N={n}", n) for n in [spec.native_budget, *tokens] if n <= spec.native_budget]
+    variants = list(dict.fromkeys(variants))  # native budget may also be in tokens
+    inputs: dict[str, dict[str, torch.Tensor]] = {"stock": build_inputs()}
+    flexproj.patch(model, processor, tokens=spec.native_budget)
+    projector = get_state(model).projector
+    for label, budget in variants[1:]:
+        assert budget is not None
+        with flexproj.tokens(budget):
+            inputs[label] = build_inputs()
+
+    def activate(budget: int | None) -> None:
+        if budget is None and is_patched(model):
+            flexproj.unpatch(model)
+        elif budget is not None and not is_patched(model):
+            flexproj.patch(model, tokens=spec.native_budget, projector=projector)
+
+    samples = {label: _Samples() for label, _ in variants}
+    watch = Stopwatch(device)
+    try:
+        for r in range(max(1, warmup) + repeats):
+            shift = r % len(variants)
+            for label, budget in [*variants[shift:], *variants[:shift]]:
+                activate(budget)
+                acc = samples[label]
+                with flexproj.tokens(budget or spec.native_budget):
+                    vision_s = _vision_once(model, inputs[label], watch)
+                    stamps, out = _generate_once(model, inputs[label], decode_tokens, watch)
+                if r == 0:
+                    acc.first_vision, acc.first_prefill = vision_s, stamps[0]
+                    continue
+                acc.vision.append(vision_s)
+                acc.prefill.append(stamps[0])
+                acc.decode.extend(stamps[1:])
+                acc.cache = out.past_key_values
+                acc.generated = int(out.sequences.shape[1] - inputs[label]["input_ids"].shape[1])
+    finally:
+        if is_patched(model):
+            flexproj.unpatch(model)
+
+    rows = []
+    for label, budget in variants:
+        acc = samples[label]
+        ids = inputs[label]["input_ids"]
+        vision_tokens = int((ids[0] == image_id).sum())
+        prompt_len = int(ids.shape[1])
+        row: dict[str, Any] = {
+            "family": spec.family,
+            "variant": label,
+            "budget": budget,
+            "vision_tokens": vision_tokens,
+            "prompt_tokens": prompt_len,
+            "text_tokens": prompt_len - vision_tokens,
+            "batch": batch,
+            "vision": summarize(acc.vision, warmup=warmup, first_s=acc.first_vision).to_dict(),
+            "prefill": summarize(acc.prefill, warmup=warmup, first_s=acc.first_prefill).to_dict(),
+            "decode_per_token": summarize(acc.decode).to_dict() if acc.decode else None,
+            "kv_bytes": kv_cache_bytes(acc.cache, prompt_len),
+            "kv_bytes_final": kv_cache_bytes(acc.cache),
+            "generated": acc.generated,
+        }
+        dec = row["decode_per_token"]
+        log(
+            f"  {spec.family:<16} {label:<7} vision tokens {vision_tokens:>5}  prompt "
+            f"{prompt_len:>5}  prefill {row['prefill']['median_ms']:9.1f} ms  decode "
+            f"{dec['median_ms'] if dec else float('nan'):7.2f} ms/token  KV {row['kv_bytes']:>11} B"
+        )
+        rows.append(row)
+    stock = rows[0]
+    for row in rows:
+        row["ratios"] = {
+            "ideal_prefill": round(row["prompt_tokens"] / stock["prompt_tokens"], 4),
+            "vision_tokens": round(row["vision_tokens"] / max(stock["vision_tokens"], 1), 4),
+            "prefill": _ratio(row["prefill"]["median_ms"], stock["prefill"]["median_ms"]),
+            "llm_prefill": _ratio(
+                row["prefill"]["median_ms"] - row["vision"]["median_ms"],
+                stock["prefill"]["median_ms"] - stock["vision"]["median_ms"],
+            ),
+            "decode_per_token": _ratio(
+                (row["decode_per_token"] or {}).get("median_ms"),
+                (stock["decode_per_token"] or {}).get("median_ms"),
+            ),
+            "kv_bytes": round(row["kv_bytes"] / max(stock["kv_bytes"], 1), 4),
+        }
+    text = model.config.text_config
+    return {
+        "family": spec.family,
+        "note": spec.note,
+        "model": {
+            "class": type(model).__name__,
+            "text_hidden": text.hidden_size,
+            "text_layers": text.num_hidden_layers,
+            "text_heads": text.num_attention_heads,
+            "text_kv_heads": getattr(text, "num_key_value_heads", None),
+            "vision_layers": vision_layers,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "image": list(spec.image),
+            "native_budget": spec.native_budget,
+        },
+        "rows": rows,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else round(a / b, 4)
+
+
+def to_markdown(payload: dict[str, Any]) -> str:
+    cfg = payload["config"]
+    parts = [
+        "## flexproj bench e2e",
+        "",
+        environment_markdown(payload["environment"]),
+        f"- dtype {cfg['dtype']}, batch {cfg['batch']}, ~{cfg['text_tokens']} text tokens, "
+        f"{cfg['decode_tokens']} decode steps per sample, warm-up {cfg['warmup']}, repeats "
+        f"{cfg['repeats']}; times are medians ±IQR in ms",
+        "- prefill = time to the first logits of `generate` (vision tower + projector + LLM "
+        "prefill); vision = `get_image_features` alone; ideal = prompt-length ratio vs stock",
+        "",
+    ]
+    for fam in payload["families"]:
+        if "error" in fam:
+            parts += [f"### {fam['family']}", "", f"not run: {fam['error']}", ""]
+            continue
+        m = fam["model"]
+        parts += [
+            f"### {fam['family']}",
+            "",
+            f"{fam['note']}. {m['class']}, LLM {m['text_layers']} layers x {m['text_hidden']} "
+            f"({m['text_heads']} heads, {m['text_kv_heads']} KV heads), {m['vision_layers']} "
+            f"vision layer(s), {m['parameters'] / 1e6:.0f} M parameters.",
+            "",
+        ]
+        table = []
+        for row in fam["rows"]:
+            r = row["ratios"]
+            dec = row["decode_per_token"] or {}
+            table.append(
+                [
+                    row["variant"],
+                    row["vision_tokens"],
+                    row["prompt_tokens"],
+                    fmt_ms(row["prefill"]["median_ms"], row["prefill"]["iqr_ms"]),
+                    fmt_ratio(r["prefill"]),
+                    fmt_ratio(r["ideal_prefill"]),
+                    fmt_ms(row["vision"]["median_ms"]),
+                    fmt_ratio(r["llm_prefill"]),
+                    fmt_ms(dec.get("median_ms"), dec.get("iqr_ms")),
+                    fmt_ratio(r["decode_per_token"]),
+                    fmt_bytes(row["kv_bytes"]),
+                    fmt_ratio(r["kv_bytes"]),
+                ]
+            )
+        parts.append(
+            markdown_table(
+                [
+                    "variant",
+                    "vision tok",
+                    "prompt tok",
+                    "prefill ms",
+                    "×stock",
+                    "ideal",
+                    "vision ms",
+                    "LLM part ×stock",
+                    "decode ms/tok",
+                    "×stock",
+                    "KV cache",
+                    "×stock",
+                ],
+                table,
+            )
+        )
+        parts.append("")
+    headline = payload.get("headline")
+    if headline:
+        parts += ["### Headline: prefill speed-up at 64 tokens", ""]
+        parts += [
+            f"- {h['family']}: prefill speed-up {h['speedup_vs_stock']:.2f}x vs stock "
+            f"({h['stock_vision_tokens']} vision tokens), {h['speedup_vs_native_budget']:.2f}x vs "
+            f"the patched model at its native budget; ideal {h['ideal']:.2f}x"
+            for h in headline
+        ]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def run_e2e(
+    *,
+    families: Sequence[str] | None = None,
+    tokens: Sequence[int] = DEFAULT_TOKENS,
+    text_hidden: int = 2048,
+    text_layers: int = 2,
+    vision_layers: int = 1,
+    text_tokens: int = 48,
+    batch: int = 1,
+    decode_tokens: int = 16,
+    dtype: str = "fp32",
+    device: str | None = None,
+    quick: bool = False,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    set_threads(threads)
+    import flexproj
+    from flexproj.bench.report import DTYPES
+
+    dev = pick_device(device)
+    env = environment(dev, [dtype])  # at the start: date and load average before the work
+    registered = set(flexproj.supported_models())
+    if families is None:
+        families = ["llava"] if quick else [f for f in SPECS if f in registered]
+    unknown = [f for f in families if f not in SPECS]
+    if unknown:
+        raise SystemExit(f"unknown family {unknown}; choose from {list(SPECS)}")
+    if quick:
+        decode_tokens = min(decode_tokens, 4)
+    warmup = 1 if warmup is None else warmup
+    repeats = (1 if quick else 3) if repeats is None else repeats
+    torch_dtype = DTYPES[dtype]
+    results: list[dict[str, Any]] = []
+    for family in families:
+        spec = SPECS[family]
+        if family not in registered:
+            results.append(
+                {"family": family, "error": f"no flexproj adapter registered for {family!r}"}
+            )
+            continue
+        log(f"[e2e] {family}")
+        torch.manual_seed(0)
+        try:
+            results.append(
+                _bench_family(
+                    spec,
+                    tokens=tokens,
+                    text_hidden=text_hidden,
+                    text_layers=text_layers,
+                    vision_layers=vision_layers,
+                    text_tokens=text_tokens,
+                    batch=batch,
+                    decode_tokens=decode_tokens,
+                    warmup=warmup,
+                    repeats=repeats,
+                    dtype=torch_dtype,
+                    device=dev,
+                    quick=quick,
+                    log=log,
+                )
+            )
+        except Exception as exc:  # one family failing must not hide the others
+            log(f"  {family} failed: {type(exc).__name__}: {exc}")
+            results.append({"family": family, "error": f"{type(exc).__name__}: {exc}"})
+    headline = []
+    for fam in results:
+        rows = {r["budget"]: r for r in fam.get("rows", [])}
+        stock = rows.get(None)
+        at64 = rows.get(64)
+        native = rows.get(SPECS[fam["family"]].native_budget)
+        if stock and at64 and native:
+            headline.append(
+                {
+                    "family": fam["family"],
+                    "stock_vision_tokens": stock["vision_tokens"],
+                    "speedup_vs_stock": stock["prefill"]["median_ms"]
+                    / at64["prefill"]["median_ms"],
+                    "speedup_vs_native_budget": native["prefill"]["median_ms"]
+                    / at64["prefill"]["median_ms"],
+                    "ideal": stock["prompt_tokens"] / at64["prompt_tokens"],
+                }
+            )
+    return {
+        "bench": "e2e",
+        "environment": env,
+        "config": {
+            "families": list(families),
+            "tokens": list(tokens),
+            "text_hidden": 64 if quick else text_hidden,
+            "text_layers": text_layers,
+            "vision_layers": vision_layers,
+            "text_tokens": text_tokens,
+            "batch": batch,
+            "decode_tokens": decode_tokens,
+            "dtype": dtype,
+            "quick": quick,
+            "warmup": warmup,
+            "repeats": repeats,
+        },
+        "families": results,
+        "headline": headline,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        choices=list(SPECS),
+        help="model families (default: every one with a registered adapter; --quick: llava)",
+    )
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS))
+    parser.add_argument("--text-hidden", type=int, default=2048, help="LLM width (default 2048)")
+    parser.add_argument("--text-layers", type=int, default=2, help="LLM layers (default 2)")
+    parser.add_argument("--vision-layers", type=int, default=1, help="vision layers (default 1)")
+    parser.add_argument("--text-tokens", type=int, default=48, help="text tokens per prompt")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per generate call")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if any)")
+    parser.add_argument("--quick", action="store_true", help="tiny widths, real grids: seconds")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed samples (default 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed samples (default 3)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument("--out", default=None, help="write results.json and results.md here")
+
+
+def run(args: argparse.Namespace) -> int:
+    threads = torch.get_num_threads()
+    try:
+        payload = run_e2e(
+            families=args.families,
+            tokens=args.tokens,
+            text_hidden=args.text_hidden,
+            text_layers=args.text_layers,
+            vision_layers=args.vision_layers,
+            text_tokens=args.text_tokens,
+            batch=args.batch,
+            decode_tokens=args.decode_tokens,
+            dtype=args.dtype,
+            device=args.device,
+            quick=args.quick,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            threads=args.threads,
+        )
+        write_results(args.out, payload, to_markdown)
+        return 0 if all("error" not in f for f in payload["families"]) else 1
+    finally:
+        torch.set_num_threads(threads)  # --threads lasts for this command only

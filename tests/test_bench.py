@@ -1,0 +1,236 @@
+"""``flexproj bench``: the timer, the report helpers and the three benches in --quick mode.
+
+No timing thresholds: a shared CPU makes them flaky. What is pinned is the shape of
+the output (JSON keys, finite positive times, markdown rows) and the numbers that do
+not depend on the clock (token counts, KV-cache bytes, budgets drawn). The benches run
+with ``--threads 1``: on a busy 2-core runner, two OpenMP threads stall every small op
+on the descheduled one, which makes --quick take minutes instead of seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from flexproj.bench import kernels as kbench
+from flexproj.bench.e2e import kv_cache_bytes
+from flexproj.bench.report import markdown_table
+from flexproj.bench.timing import Stopwatch, measure, summarize
+from flexproj.bench.train import sample_budgets
+from flexproj.cli import main
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def check_timing(t: dict) -> None:
+    for key in ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms"):
+        assert positive(t[key]), (key, t)
+    assert t["q1_ms"] <= t["median_ms"] <= t["q3_ms"]
+    assert t["iqr_ms"] >= 0 and t["repeats"] >= 1
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in markdown.splitlines()
+        if line.startswith("| ") and not line.startswith("| ---") and "---:" not in line
+    ]
+
+
+# ----------------------------------------------------------------------------- timing / report
+
+
+def test_summarize_quartiles_and_measure():
+    t = summarize([4.0, 1.0, 3.0, 2.0, 5.0], warmup=2, first_s=9.0)
+    assert (t.median_s, t.q1_s, t.q3_s, t.min_s, t.max_s) == (3.0, 2.0, 4.0, 1.0, 5.0)
+    assert t.iqr_s == 2.0 and t.repeats == 5 and t.warmup == 2
+    d = t.to_dict()
+    assert d["median_ms"] == 3000.0 and d["first_ms"] == 9000.0
+    assert summarize([0.5]).iqr_s == 0.0
+    with pytest.raises(ValueError):
+        summarize([])
+
+    calls = []
+    timing = measure(lambda: calls.append(sum(range(1000))), warmup=2, repeats=3)
+    assert len(calls) == 5 and timing.repeats == 3 and timing.warmup == 2
+    check_timing(timing.to_dict())
+    watch = Stopwatch("cpu")
+    watch.start()
+    assert watch.lap() >= 0 and watch.stop() >= 0
+
+
+def test_markdown_table_alignment():
+    text = markdown_table(["name", "ms"], [["eager", "1.5 ±0.2"], ["auto", "-"]])
+    lines = text.splitlines()
+    assert lines[0] == "| name | ms |"
+    assert lines[1] == "| :--- | ---: |"
+    assert lines[2] == "| eager | 1.5 ±0.2 |"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def test_bench_kernels_quick(tmp_path, capsys):
+    threads_before = torch.get_num_threads()
+    out = tmp_path / "kernels"
+    args = ["bench", "kernels", "--quick", "--threads", "1", "--shapes", "llava15", "qwen25vl7b"]
+    args += ["--dtypes", "fp32", "bf16", "--tokens", "64", "144"]
+    args += ["--backends", "eager", "xformers", "triton", "auto", "--out", str(out)]
+    assert main(args) == 0
+    payload = json.loads((out / "results.json").read_text())
+    markdown = (out / "results.md").read_text()
+    assert markdown.strip() in capsys.readouterr().out
+
+    assert payload["bench"] == "kernels"
+    env = payload["environment"]
+    for key in ("device", "dtypes", "versions", "torch_threads", "cpu", "date", "command"):
+        assert key in env, key
+    assert env["device"] == "cpu" and env["dtypes"] == ["fp32", "bf16"]
+    assert env["versions"]["torch"] == torch.__version__
+    assert env["torch_threads"] == 1 and torch.get_num_threads() == threads_before
+
+    rows = payload["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    for row in ok:
+        check_timing(row["fwd"])
+        check_timing(row["fwd_bwd"])
+    # every (shape, dtype, N) has a floor, eager, auto and pool-after row; one stock per group
+    for shape in ("llava15", "qwen25vl7b"):
+        for dtype in ("fp32", "bf16"):
+            group = [r for r in ok if r["shape"] == shape and r["dtype"] == dtype]
+            for n in (64, 144):
+                variants = {r["variant"] for r in group if r["tokens"] == n}
+                assert {"floor", "eager", "xformers", "auto", "pool-after"} <= variants
+            assert [r["variant"] for r in group if r["variant"] == "stock"] == ["stock"]
+    triton = [r for r in rows if r["variant"] == "triton"]
+    assert triton and all(
+        r["status"] == "skipped" and r["reason"].startswith("n/a on cpu") for r in triton
+    )
+    eager = next(r for r in ok if r["variant"] == "eager")
+    assert eager["ratios"]["fwd_eager"] == 1.0
+    assert all(positive(eager["ratios"][k]) for k in ("fwd_floor", "fwd_bwd_floor", "fwd_stock"))
+    auto = next(r for r in ok if r["variant"] == "auto")
+    assert auto["resolves_to"] == "eager" and auto["max_abs_err_vs_eager"] == 0.0
+    after = next(r for r in ok if r["variant"] == "pool-after" and r["shape"] == "llava15")
+    assert after["ratios"]["ideal_pool_first_over_after"] == round(64 / 576, 4)
+    assert payload["auto_check"]["auto_choice"] == ["eager"]
+    assert len(payload["auto_check"]["cases"]) == 2 * 2 * 2
+
+    table = table_rows(markdown)
+    assert next(r for r in table if r[1] == "eager")[:2] == ["64", "eager"]
+    assert any(r[1] == "auto (= eager)" for r in table)
+    assert any(r[:3] == ["llava15", "fp32", "64"] for r in table)  # pool-after table
+    assert "triton: n/a on cpu" in markdown
+
+
+def test_bench_kernels_rejects_unknown_names():
+    with pytest.raises(SystemExit):
+        kbench.run_kernels(shapes=["nope"], quick=True, log=lambda s: None)
+    with pytest.raises(SystemExit):
+        kbench.run_kernels(backends=["fast"], quick=True, log=lambda s: None)
+
+
+# ----------------------------------------------------------------------------- e2e
+
+
+def test_kv_cache_bytes_counts_every_tensor():
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer in range(2):
+        k = torch.zeros(1, 4, 10, 16)
+        cache.update(k, k.clone(), layer)
+    assert kv_cache_bytes(cache) == 2 * 2 * 4 * 10 * 16 * 4
+    assert kv_cache_bytes(cache, positions=5) == 2 * 2 * 4 * 5 * 16 * 4
+    legacy = ((torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16),) * 2,) * 3
+    assert kv_cache_bytes(legacy) == 3 * 2 * 24 * 2
+
+
+def test_bench_e2e_quick(tmp_path):
+    out = tmp_path / "e2e"
+    args = [
+        "bench",
+        "e2e",
+        "--quick",
+        "--threads",
+        "1",
+        "--families",
+        "llava",
+        "--tokens",
+        "64",
+        "144",
+    ]
+    assert main([*args, "--out", str(out)]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    markdown = (out / "results.md").read_text()
+    assert payload["bench"] == "e2e" and payload["environment"]["device"] == "cpu"
+    (family,) = payload["families"]
+    assert family["family"] == "llava" and "error" not in family
+    rows = {r["variant"]: r for r in family["rows"]}
+    assert list(rows) == ["stock", "N=576", "N=64", "N=144"]
+    assert [r["vision_tokens"] for r in rows.values()] == [576, 576, 64, 144]
+    text = rows["stock"]["text_tokens"]
+    # quick llava text tower: 2 layers, 4 KV heads of 16, fp32: K and V per token
+    per_token = 2 * 2 * 4 * 16 * 4
+    for row in rows.values():
+        assert row["text_tokens"] == text
+        assert row["prompt_tokens"] == row["vision_tokens"] + text
+        assert row["kv_bytes"] == row["prompt_tokens"] * per_token
+        assert row["ratios"]["kv_bytes"] == row["ratios"]["ideal_prefill"]
+        check_timing(row["prefill"])
+        check_timing(row["decode_per_token"])
+        check_timing(row["vision"])
+        assert row["generated"] == payload["config"]["decode_tokens"] + 1
+    (headline,) = payload["headline"]
+    assert positive(headline["speedup_vs_stock"]) and headline["ideal"] > 1
+    table = table_rows(markdown)
+    assert [r[0] for r in table] == ["variant", "stock", "N=576", "N=64", "N=144"]
+    assert "Headline: prefill speed-up at 64 tokens" in markdown
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def test_sample_budgets_is_seeded():
+    a = sample_budgets((64, 144, 256), (2, 3, 5), 200, seed=3)
+    assert a == sample_budgets((64, 144, 256), (2, 3, 5), 200, seed=3)
+    assert set(a) == {64, 144, 256}
+    assert sample_budgets((256,), (1,), 5, seed=0) == [256] * 5
+
+
+def test_bench_train_quick(tmp_path):
+    out = tmp_path / "train"
+    assert main(["bench", "train", "--quick", "--threads", "1", "--out", str(out)]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    markdown = (out / "results.md").read_text()
+    assert payload["bench"] == "train"
+    cfg = payload["config"]
+    assert cfg["isolated"] is True  # CPU default: each arm in a fresh process
+    fixed, sched = payload["arms"]
+    assert fixed["arm"] == "fixed-256" and sched["arm"] == "schedule 2:3:5"
+    expected = sample_budgets((64, 144, 256), (2, 3, 5), cfg["steps"], cfg["seed"])
+    assert [r["budget"] for r in sched["records"]] == expected
+    assert [r["budget"] for r in fixed["records"]] == [256] * cfg["steps"]
+    for arm in (fixed, sched):
+        check_timing(arm["step"])
+        assert all(r["vision_tokens"] == r["budget"] * cfg["batch"] for r in arm["records"])
+        assert all(math.isfinite(r["loss"]) for r in arm["records"])
+        assert arm["memory"]["method"].startswith("ru_maxrss")
+        assert arm["memory"]["peak_bytes"] >= 0
+    c = payload["comparison"]
+    assert c["vision_tokens_ratio"] == round(sum(expected) / (256 * cfg["steps"]), 4)
+    assert c["expected_vision_tokens_ratio"] == round(184 / 256, 4)
+    assert positive(c["total_time_ratio"])
+    table = table_rows(markdown)
+    assert [r[0] for r in table[1:3]] == ["fixed-256", "schedule 2:3:5"]
+    assert any(r[0] == "vision tokens" for r in table)
+
+
+def test_bench_without_subcommand_prints_help(capsys):
+    assert main(["bench"]) == 2
+    assert "kernels" in capsys.readouterr().out
