@@ -1,4 +1,4 @@
-# make demo : set up .venv and run the main job
+# make demo : set up .venv and run the main job (flexproj demo: the TokenFLEX table in miniature)
 # make test : set up .venv, lint, type-check and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/flexproj info
-	$(PY) examples/projector_example.py
+	$(VENV)/bin/flexproj demo --out demo_out
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flexproj adapters recipes tests examples
