@@ -77,6 +77,19 @@ def recipe_for_model(spec: str) -> FamilyRecipe:
     return recipe_for_model_type(transformers.AutoConfig.from_pretrained(spec).model_type)
 
 
+#: TrainingArguments defaults every family starts from (each adds its stage's learning rate
+#: and batch size)
+COMMON_TRAINING_DEFAULTS: dict[str, Any] = {
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "weight_decay": 0.0,
+    "num_train_epochs": 1,
+    "logging_steps": 10,
+    "save_steps": 500,
+    "save_total_limit": 2,
+}
+
+
 class FamilyRecipe:
     """Base class of the family recipes; subclasses set the class attributes and
     override :meth:`plain_segments` (and whatever else differs)."""

@@ -39,17 +39,7 @@ from typing import Any, ClassVar
 
 from flexproj._types import Model
 from flexproj.recipes.data import Segment
-from flexproj.recipes.family import FamilyRecipe, Messages
-
-_COMMON: dict[str, Any] = {
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.03,
-    "weight_decay": 0.0,
-    "num_train_epochs": 1,
-    "logging_steps": 10,
-    "save_steps": 500,
-    "save_total_limit": 2,
-}
+from flexproj.recipes.family import COMMON_TRAINING_DEFAULTS, FamilyRecipe, Messages
 
 
 class InternVLRecipe(FamilyRecipe):
@@ -60,8 +50,16 @@ class InternVLRecipe(FamilyRecipe):
     default_system_prompt = None
     pad_to_square = False
     stage_defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        "align": {**_COMMON, "learning_rate": 2e-4, "per_device_train_batch_size": 16},
-        "finetune": {**_COMMON, "learning_rate": 4e-5, "per_device_train_batch_size": 8},
+        "align": {
+            **COMMON_TRAINING_DEFAULTS,
+            "learning_rate": 2e-4,
+            "per_device_train_batch_size": 16,
+        },
+        "finetune": {
+            **COMMON_TRAINING_DEFAULTS,
+            "learning_rate": 4e-5,
+            "per_device_train_batch_size": 8,
+        },
     }
 
     def end_of_turn(self, processor: Any) -> str:

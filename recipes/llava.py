@@ -38,17 +38,7 @@ import torch
 
 from flexproj._types import Model
 from flexproj.recipes.data import IMAGE_TAG, Segment
-from flexproj.recipes.family import FamilyRecipe, Messages
-
-_COMMON: dict[str, Any] = {
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.03,
-    "weight_decay": 0.0,
-    "num_train_epochs": 1,
-    "logging_steps": 10,
-    "save_steps": 500,
-    "save_total_limit": 2,
-}
+from flexproj.recipes.family import COMMON_TRAINING_DEFAULTS, FamilyRecipe, Messages
 
 
 class LlavaRecipe(FamilyRecipe):
@@ -63,8 +53,16 @@ class LlavaRecipe(FamilyRecipe):
     default_system_prompt = None
     pad_to_square = True
     stage_defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        "align": {**_COMMON, "learning_rate": 1e-3, "per_device_train_batch_size": 32},
-        "finetune": {**_COMMON, "learning_rate": 2e-5, "per_device_train_batch_size": 16},
+        "align": {
+            **COMMON_TRAINING_DEFAULTS,
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": 32,
+        },
+        "finetune": {
+            **COMMON_TRAINING_DEFAULTS,
+            "learning_rate": 2e-5,
+            "per_device_train_batch_size": 16,
+        },
     }
 
     def use_pad_to_square(self, model: Model, configured: bool | None) -> bool:

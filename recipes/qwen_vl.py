@@ -38,17 +38,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from flexproj.recipes.data import IMAGE_TAG, Segment
-from flexproj.recipes.family import FamilyRecipe, Messages
-
-_COMMON: dict[str, Any] = {
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.03,
-    "weight_decay": 0.0,
-    "num_train_epochs": 1,
-    "logging_steps": 10,
-    "save_steps": 500,
-    "save_total_limit": 2,
-}
+from flexproj.recipes.family import COMMON_TRAINING_DEFAULTS, FamilyRecipe, Messages
 
 
 class QwenVLRecipe(FamilyRecipe):
@@ -63,8 +53,16 @@ class QwenVLRecipe(FamilyRecipe):
     default_system_prompt = "You are a helpful assistant."
     pad_to_square = False
     stage_defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        "align": {**_COMMON, "learning_rate": 1e-3, "per_device_train_batch_size": 16},
-        "finetune": {**_COMMON, "learning_rate": 1e-5, "per_device_train_batch_size": 8},
+        "align": {
+            **COMMON_TRAINING_DEFAULTS,
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": 16,
+        },
+        "finetune": {
+            **COMMON_TRAINING_DEFAULTS,
+            "learning_rate": 1e-5,
+            "per_device_train_batch_size": 8,
+        },
     }
 
     def image_placeholder(self, processor: Any) -> str:
