@@ -140,6 +140,14 @@ class LlavaAdapter(FamilyAdapter):
         patch = int(processor.patch_size)
         return crop_hw[0] // patch, crop_hw[1] // patch
 
+    def image_token_count(
+        self, processor: Any, state: PatchState, image_inputs: dict, image_idx: int
+    ) -> int:
+        """Placeholders for image ``image_idx`` of a processor call, under the budget."""
+        height, width = image_inputs["pixel_values"][image_idx].shape[-2:]
+        h, w = self.crop_tokens(processor, state, (int(height), int(width)))
+        return h * w
+
     def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
         self.check_processor(processor)
         adapter = self
@@ -147,9 +155,9 @@ class LlavaAdapter(FamilyAdapter):
         def replace_image_token(
             self: Any, image_inputs: dict, image_idx: int, **kwargs: Any
         ) -> str:
-            height, width = image_inputs["pixel_values"][image_idx].shape[-2:]
-            h, w = adapter.crop_tokens(self, state, (int(height), int(width)))
-            return self.image_token * (h * w)
+            return self.image_token * adapter.image_token_count(
+                self, state, image_inputs, image_idx
+            )
 
         patcher.override_method(processor, "replace_image_token", replace_image_token)
 
@@ -236,24 +244,18 @@ class LlavaNextAdapter(LlavaAdapter):
             orig[0], orig[1], side[0], side[1], best_h // crop_hw[0], best_w // crop_hw[1]
         )
 
-    def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
-        self.check_processor(processor)
-        adapter = self
-
-        def replace_image_token(
-            self: Any, image_inputs: dict, image_idx: int, **kwargs: Any
-        ) -> str:
-            orig = image_inputs["image_sizes"][image_idx]
-            orig = orig.tolist() if hasattr(orig, "tolist") else list(orig)
-            crop_h, crop_w = (int(s) for s in image_inputs["pixel_values"][0][0].shape[-2:])
-            crop_hw = (crop_h, crop_w)
-            side = adapter.crop_tokens(self, state, crop_hw)
-            if adapter.base_crop_only(self, image_inputs, image_idx):
-                return self.image_token * (side[0] * side[1] + 1)  # base crop + newline
-            unpadded, newlines = adapter.unpadded_count(self, side, orig, crop_hw)
-            return self.image_token * (unpadded + newlines + side[0] * side[1])
-
-        patcher.override_method(processor, "replace_image_token", replace_image_token)
+    def image_token_count(
+        self, processor: Any, state: PatchState, image_inputs: dict, image_idx: int
+    ) -> int:
+        """Base crop + stitched, unpadded crops + one newline per row, all pooled."""
+        orig = image_inputs["image_sizes"][image_idx]
+        orig = orig.tolist() if hasattr(orig, "tolist") else list(orig)
+        crop_h, crop_w = (int(s) for s in image_inputs["pixel_values"][0][0].shape[-2:])
+        side = self.crop_tokens(processor, state, (crop_h, crop_w))
+        if self.base_crop_only(processor, image_inputs, image_idx):
+            return side[0] * side[1] + 1  # base crop + newline
+        unpadded, newlines = self.unpadded_count(processor, side, orig, (crop_h, crop_w))
+        return unpadded + newlines + side[0] * side[1]
 
     def base_crop_only(self, processor: Any, image_inputs: dict, image_idx: int) -> bool:
         return False
