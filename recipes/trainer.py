@@ -501,7 +501,19 @@ def main(family: str, argv: Sequence[str] | None = None, *, prog: str | None = N
     except FlexprojError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before exit: a gloo group left to the interpreter's
+    shutdown can abort a rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # python -m flexproj.recipes.trainer <family> ...
