@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from flexproj.bench.report import (
+    add_output_options,
     environment,
     environment_markdown,
     fmt_bytes,
@@ -38,8 +39,9 @@ from flexproj.bench.report import (
     fmt_ratio,
     markdown_table,
     pick_device,
+    ratio,
+    run_and_write,
     set_threads,
-    write_results,
 )
 from flexproj.bench.timing import Stopwatch, summarize
 
@@ -448,12 +450,12 @@ def _bench_family(
         row["ratios"] = {
             "ideal_prefill": round(row["prompt_tokens"] / stock["prompt_tokens"], 4),
             "vision_tokens": round(row["vision_tokens"] / max(stock["vision_tokens"], 1), 4),
-            "prefill": _ratio(row["prefill"]["median_ms"], stock["prefill"]["median_ms"]),
-            "llm_prefill": _ratio(
+            "prefill": ratio(row["prefill"]["median_ms"], stock["prefill"]["median_ms"]),
+            "llm_prefill": ratio(
                 row["prefill"]["median_ms"] - row["vision"]["median_ms"],
                 stock["prefill"]["median_ms"] - stock["vision"]["median_ms"],
             ),
-            "decode_per_token": _ratio(
+            "decode_per_token": ratio(
                 (row["decode_per_token"] or {}).get("median_ms"),
                 (stock["decode_per_token"] or {}).get("median_ms"),
             ),
@@ -476,10 +478,6 @@ def _bench_family(
         },
         "rows": rows,
     }
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else round(a / b, 4)
 
 
 def to_markdown(payload: dict[str, Any]) -> str:
@@ -688,16 +686,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny widths, real grids: seconds")
     parser.add_argument("--warmup", type=int, default=None, help="untimed samples (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed samples (default 3)")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    parser.add_argument("--out", default=None, help="write results.json and results.md here")
+    add_output_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    threads = torch.get_num_threads()
-    try:
-        payload = run_e2e(
+    return run_and_write(
+        args.out,
+        lambda: run_e2e(
             families=args.families,
             tokens=args.tokens,
             text_hidden=args.text_hidden,
@@ -712,8 +707,7 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             repeats=args.repeats,
             threads=args.threads,
-        )
-        write_results(args.out, payload, to_markdown)
-        return 0 if all("error" not in f for f in payload["families"]) else 1
-    finally:
-        torch.set_num_threads(threads)  # --threads lasts for this command only
+        ),
+        to_markdown,
+        ok=lambda p: all("error" not in f for f in p["families"]),
+    )

@@ -31,14 +31,16 @@ from torch import nn
 
 from flexproj.bench.report import (
     DTYPES,
+    add_output_options,
     environment,
     environment_markdown,
     fmt_ms,
     fmt_ratio,
     markdown_table,
     pick_device,
+    ratio,
+    run_and_write,
     set_threads,
-    write_results,
 )
 from flexproj.bench.timing import Stopwatch, summarize
 
@@ -417,10 +419,6 @@ def _median(row: dict[str, Any] | None, mode: str) -> float | None:
     return float(value) if value else None
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else round(a / b, 4)
-
-
 def _add_ratios(
     backend_rows: dict[str, dict[str, Any]],
     floor_row: dict[str, Any],
@@ -431,19 +429,19 @@ def _add_ratios(
     eager = backend_rows.get("eager")
     for row in backend_rows.values():
         row["ratios"] = {
-            f"{mode}_{ref}": _ratio(_median(row, mode), _median(ref_row, mode))
+            f"{mode}_{ref}": ratio(_median(row, mode), _median(ref_row, mode))
             for mode in ("fwd", "fwd_bwd")
             for ref, ref_row in (("floor", floor_row), ("eager", eager), ("stock", stock_row))
         }
     after_row["ratios"] = {
         "ideal_pool_first_over_after": round(after_row["n_out"] / shape.grid_tokens, 4),
         **{
-            f"{mode}_pool_first_over_after": _ratio(_median(eager, mode), _median(after_row, mode))
+            f"{mode}_pool_first_over_after": ratio(_median(eager, mode), _median(after_row, mode))
             for mode in ("fwd", "fwd_bwd")
         },
     }
     floor_row["ratios"] = {
-        f"{mode}_stock": _ratio(_median(floor_row, mode), _median(stock_row, mode))
+        f"{mode}_stock": ratio(_median(floor_row, mode), _median(stock_row, mode))
         for mode in ("fwd", "fwd_bwd")
     }
 
@@ -472,7 +470,7 @@ def auto_check(rows: Sequence[dict[str, Any]], device: torch.device) -> dict[str
             best = min(valid, key=lambda k: valid[k])
             wins[mode][best] = wins[mode].get(best, 0) + 1
             entry[f"{mode}_best"] = best
-            entry[f"{mode}_pick_over_best"] = _ratio(valid.get(pick), valid[best])
+            entry[f"{mode}_pick_over_best"] = ratio(valid.get(pick), valid[best])
         out["cases"].append(entry)
     out["wins"] = wins
     return out
@@ -735,16 +733,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed calls (default 5; --quick 2)"
     )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    parser.add_argument("--out", default=None, help="write results.json and results.md here")
+    add_output_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    threads = torch.get_num_threads()
-    try:
-        payload = run_kernels(
+    return run_and_write(
+        args.out,
+        lambda: run_kernels(
             shapes=args.shapes,
             tokens=args.tokens,
             dtypes=args.dtypes,
@@ -755,8 +750,6 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             repeats=args.repeats,
             threads=args.threads,
-        )
-        write_results(args.out, payload, to_markdown)
-        return 0
-    finally:
-        torch.set_num_threads(threads)  # --threads lasts for this command only
+        ),
+        to_markdown,
+    )

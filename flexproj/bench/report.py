@@ -201,3 +201,34 @@ def write_results(
         (out / "results.md").write_text(markdown + "\n")
         print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
     return markdown
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` rounded to 4 places, or ``None`` when either is missing (or ``b`` is 0)."""
+    return None if a is None or b is None or b == 0 else round(a / b, 4)
+
+
+def add_output_options(parser: Any) -> None:
+    """``--threads`` and ``--out``, shared by every bench command."""
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument("--out", default=None, help="write results.json and results.md here")
+
+
+def run_and_write(
+    out_dir: str | Path | None,
+    compute: Callable[[], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+    ok: Callable[[dict[str, Any]], bool] = lambda payload: True,
+) -> int:
+    """Run one bench, write its results; the thread count it set lasts for this command only."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        payload = compute()
+        write_results(out_dir, payload, render)
+        return 0 if ok(payload) else 1
+    finally:
+        torch.set_num_threads(threads)

@@ -33,6 +33,7 @@ import torch
 
 from flexproj.bench.report import (
     DTYPES,
+    add_output_options,
     environment,
     environment_markdown,
     fmt_bytes,
@@ -40,8 +41,8 @@ from flexproj.bench.report import (
     fmt_ratio,
     markdown_table,
     pick_device,
+    run_and_write,
     set_threads,
-    write_results,
 )
 from flexproj.bench.timing import Stopwatch, summarize
 
@@ -430,16 +431,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run each arm in a fresh process (default: on CPU, for peak memory)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny widths, 4 steps: seconds")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    parser.add_argument("--out", default=None, help="write results.json and results.md here")
+    add_output_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    threads = torch.get_num_threads()
-    try:
-        payload = run_train(
+    return run_and_write(
+        args.out,
+        lambda: run_train(
             family=args.family,
             fixed=args.fixed,
             tokens=args.tokens,
@@ -457,8 +455,6 @@ def run(args: argparse.Namespace) -> int:
             isolate=args.isolate,
             seed=args.seed,
             threads=args.threads,
-        )
-        write_results(args.out, payload, to_markdown)
-        return 0
-    finally:
-        torch.set_num_threads(threads)  # --threads lasts for this command only
+        ),
+        to_markdown,
+    )
