@@ -59,20 +59,20 @@ tile (tile size from the processed ``pixel_values``, patch size recorded at inst
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
 from transformers import InternVLForConditionalGeneration, InternVLModel, InternVLProcessor
-from transformers.processing_utils import MultiModalData
 
 from flexproj._types import Model
-from flexproj.adapters.base import FamilyAdapter, Patcher, PatchState, register_adapter
 from flexproj.errors import PatchError, UnsupportedModelError
+from flexproj.family import FamilyAdapter
+from flexproj.patcher import Patcher, stock_method
 from flexproj.pooling import Grid, target_grid
-from flexproj.projector import FlexProjector
+from flexproj.registry import register_adapter
+from flexproj.state import STATE_ATTR, PatchState, state_of
 
 __all__ = ["InternVLAdapter", "TileGridProjector"]
 
@@ -80,16 +80,20 @@ __all__ = ["InternVLAdapter", "TileGridProjector"]
 class TileGridProjector(nn.Module):
     """Stands in ``multi_modal_projector``: ``(tiles, [CLS +] H*W, C) -> (tiles, h*w, D)``.
 
-    ``budget(native)`` returns the validated budget for a tile of ``native`` patches;
-    the ``(H, W)`` patch grid comes from the caller (the tiles' pixel size / patch size).
+    The ``(H, W)`` patch grid comes from the caller (the tiles' pixel size / patch size).
+    The stock projector stays inside as ``stock``: called the stock way (one argument,
+    pixel-shuffled features) or inside ``flexproj.disabled``, the slot runs it.
     """
 
-    def __init__(self, projector: FlexProjector, budget: Callable[[int], int]) -> None:
+    def __init__(self, projector: nn.Module, stock: nn.Module) -> None:
         super().__init__()
         self.projector = projector
-        self._budget = budget
+        self.stock = stock
 
-    def forward(self, features: torch.Tensor, grid: Grid) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
+        state = state_of(self)
+        if grid is None or state is None or not state.enabled:
+            return self.stock(features)
         H, W = grid
         L = features.shape[1]
         if L not in (H * W, H * W + 1):
@@ -97,7 +101,7 @@ class TileGridProjector(nn.Module):
                 f"the vision tower gave {L} tokens per tile, expected the {H}x{W} patch grid "
                 f"({H * W}), optionally after one CLS token"
             )
-        n = self._budget(H * W)
+        n = state.adapter.check_budget(state.budget(), H * W)
         # a leading CLS (kept by the "full" strategy) is not a grid cell: drop it
         return self.projector(features, tokens=n, grid=grid, drop_cls=L == H * W + 1)
 
@@ -163,6 +167,7 @@ class InternVLAdapter(FamilyAdapter):
     model_classes: ClassVar[tuple[type, ...]] = (InternVLForConditionalGeneration, InternVLModel)
     processor_classes: ClassVar[tuple[type, ...]] = (InternVLProcessor,)
     unit = "tile"
+    recipe = "internvl"
 
     def base(self, model: Model) -> InternVLModel:
         """The ``InternVLModel`` that owns the vision tower and projector."""
@@ -192,66 +197,59 @@ class InternVLAdapter(FamilyAdapter):
         self.projector_dims(model)  # validates vision_feature_layer
         base = self.base(model)
         state.model_facts["patch_size"] = _pair(model.config.vision_config.patch_size)
-        slot = TileGridProjector(
-            state.projector, budget=lambda native: self.check_budget(state.tokens(), native)
-        )
+        stock = base.multi_modal_projector
+        self.freeze_stock(stock, state.model_patcher)
+        slot = TileGridProjector(state.projector, stock)
+        setattr(slot, STATE_ATTR, state)
         state.model_patcher.set(base, "multi_modal_projector", slot)
-
-        # wraps(): the stock name, docstring and signature (generate() picks kwargs by it)
-        @functools.wraps(type(base).get_image_features)
-        def get_image_features(self: Model, *args: Any, **kwargs: Any) -> Any:
-            return _flex_get_image_features(self, *args, **kwargs)
-
-        state.model_patcher.override_method(base, "get_image_features", get_image_features)
-        self.guard_placeholder_count(base, state, model.config.image_token_id)
+        state.model_patcher.override_method(base, "get_image_features", _get_image_features)
 
     # --- processor ---------------------------------------------------------
     def tile_tokens(self, state: PatchState, tile_hw: Sequence[int]) -> int:
         """Context tokens per tile of ``tile_hw`` pixels under the budget in force."""
         ph, pw = state.model_facts["patch_size"]
         grid = (int(tile_hw[0]) // ph, int(tile_hw[1]) // pw)
-        h, w = target_grid(self.check_budget(state.tokens(), grid[0] * grid[1]), grid)
+        h, w = target_grid(self.check_budget(state.budget(), grid[0] * grid[1]), grid)
         return h * w
 
     def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
         self.check_processor(processor)
-        adapter = self
-        original_counts = processor._get_num_multimodal_tokens
+        patcher.override_method(processor, "replace_image_token", _replace_image_token)
+        patcher.override_method(processor, "replace_video_token", _replace_video_token)
 
-        def replace_image_token(
-            self: Any, image_inputs: dict, image_idx: int, **kwargs: Any
-        ) -> str:
-            tiles = int(image_inputs["num_patches"][image_idx])
-            tile_hw = image_inputs["pixel_values"][0].shape[-2:]  # every tile has the same size
-            context = self.image_token * (adapter.tile_tokens(state, tile_hw) * tiles)
-            return f"{self.start_image_token}{context}{self.end_image_token}"
 
-        def replace_video_token(
-            self: Any, video_inputs: dict, video_idx: int, **kwargs: Any
-        ) -> str:
-            frames = video_inputs["pixel_values_videos"][video_idx]  # (frames, 3, S, S)
-            context = self.image_token * adapter.tile_tokens(state, frames.shape[-2:])
-            return "\n".join(
-                f"Frame{i + 1}: {self.start_image_token}{context}{self.end_image_token}"
-                for i in range(frames.shape[0])
-            )
+def _adapter(state: PatchState) -> InternVLAdapter:
+    return cast(InternVLAdapter, state.adapter)
 
-        def _get_num_multimodal_tokens(self: Any, image_sizes: Any = None, **kwargs: Any) -> Any:
-            data = original_counts(image_sizes=image_sizes, **kwargs)
-            if data.num_image_patches is None:
-                return data
-            size = self._merge_kwargs(**kwargs)["images_kwargs"].get("size") or (
-                self.image_processor.size  # tile size: a call's size=... wins
-            )
-            per_tile = adapter.tile_tokens(state, (size["height"], size["width"]))
-            return MultiModalData(
-                num_image_tokens=[2 + per_tile * tiles for tiles in data.num_image_patches],
-                num_image_patches=data.num_image_patches,
-            )
 
-        patcher.override_method(processor, "replace_image_token", replace_image_token)
-        patcher.override_method(processor, "replace_video_token", replace_video_token)
-        patcher.override_method(processor, "_get_num_multimodal_tokens", _get_num_multimodal_tokens)
+def _get_image_features(self: Model, *args: Any, **kwargs: Any) -> Any:
+    """Patched ``InternVLModel.get_image_features`` (stock inside ``flexproj.disabled``)."""
+    state = state_of(self)
+    if state is None or not state.enabled:
+        return stock_method(self, "get_image_features")(*args, **kwargs)
+    return _flex_get_image_features(self, *args, **kwargs)
+
+
+def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+    state = state_of(self)
+    if state is None or not state.enabled:
+        return stock_method(self, "replace_image_token")(image_inputs, image_idx, **kwargs)
+    tiles = int(image_inputs["num_patches"][image_idx])
+    tile_hw = image_inputs["pixel_values"][0].shape[-2:]  # every tile has the same size
+    context = self.image_token * (_adapter(state).tile_tokens(state, tile_hw) * tiles)
+    return f"{self.start_image_token}{context}{self.end_image_token}"
+
+
+def _replace_video_token(self: Any, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
+    state = state_of(self)
+    if state is None or not state.enabled:
+        return stock_method(self, "replace_video_token")(video_inputs, video_idx, **kwargs)
+    frames = video_inputs["pixel_values_videos"][video_idx]  # (frames, 3, S, S)
+    context = self.image_token * _adapter(state).tile_tokens(state, frames.shape[-2:])
+    return "\n".join(
+        f"Frame{i + 1}: {self.start_image_token}{context}{self.end_image_token}"
+        for i in range(frames.shape[0])
+    )
 
 
 register_adapter(InternVLAdapter())

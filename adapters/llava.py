@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -43,31 +43,35 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from flexproj._types import Model
-from flexproj.adapters.base import FamilyAdapter, Patcher, PatchState, register_adapter
+from flexproj.family import FamilyAdapter
+from flexproj.patcher import Patcher, stock_method
 from flexproj.pooling import target_grid
-from flexproj.projector import FlexProjector
+from flexproj.registry import register_adapter
+from flexproj.state import STATE_ATTR, PatchState, state_of
 
 
 class GridSlotProjector(nn.Module):
     """Stands in the projector slot: ``(crops, L, C) -> (crops, n, out_dim)``.
 
     ``L`` is the tower's square patch grid, plus one leading CLS token when the tower
-    has one and the ``"full"`` strategy kept it (dropped here, explicitly).
+    has one and the ``"full"`` strategy kept it (dropped here, explicitly). The stock
+    projector stays inside as ``stock`` (it follows ``.to()``; ``flexproj.disabled`` runs it).
     """
 
-    def __init__(
-        self, projector: FlexProjector, side: int, has_cls: bool, budget: Callable[[], int]
-    ) -> None:
+    def __init__(self, projector: nn.Module, stock: nn.Module, side: int, has_cls: bool) -> None:
         super().__init__()
         self.projector = projector
+        self.stock = stock
         self.side = side
         self.has_cls = has_cls
-        self._budget = budget
 
     def extra_repr(self) -> str:
         return f"grid={self.side}x{self.side}, has_cls={self.has_cls}"
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        state = state_of(self)
+        if state is None or not state.enabled:
+            return self.stock(features)
         grid = (self.side, self.side)
         L = features.shape[1]
         drop_cls = self.has_cls and self.side**2 + 1 == L
@@ -77,7 +81,8 @@ class GridSlotProjector(nn.Module):
                 f"grid ({self.side**2}){' or grid + CLS' if self.has_cls else ''}. Is "
                 "vision_feature_select_strategy='default' used with a tower without CLS?"
             )
-        return self.projector(features, tokens=self._budget(), grid=grid, drop_cls=drop_cls)
+        budget = state.adapter.check_budget(state.budget(), self.side**2)
+        return self.projector(features, tokens=budget, grid=grid, drop_cls=drop_cls)
 
 
 def _tower_side(config: Any) -> int:
@@ -99,6 +104,9 @@ class LlavaAdapter(FamilyAdapter):
     model_classes: ClassVar[tuple[type, ...]] = (LlavaForConditionalGeneration, LlavaModel)
     processor_classes: ClassVar[tuple[type, ...]] = (LlavaProcessor,)
     unit = "image"
+    recipe = "llava"
+    #: replaces ``pack_image_features`` (AnyRes families), or None
+    packer: ClassVar[Callable[..., Any] | None] = None
 
     def base(self, model: Model) -> nn.Module:
         """The ``*Model`` that owns the vision tower and projector."""
@@ -117,16 +125,16 @@ class LlavaAdapter(FamilyAdapter):
         return _tower_side(model.config) ** 2
 
     def install(self, model: Model, state: PatchState) -> None:
-        base = self.base(model)
-        native = self.native_tokens(model)
+        base: Model = self.base(model)
+        stock: nn.Module = base.multi_modal_projector
+        self.freeze_stock(stock, state.model_patcher)
         slot = GridSlotProjector(
-            state.projector,
-            _tower_side(model.config),
-            _has_cls(base.vision_tower),
-            budget=lambda: self.check_budget(state.tokens(), native),
+            state.projector, stock, _tower_side(model.config), _has_cls(base.vision_tower)
         )
+        state.model_patcher.set(slot, STATE_ATTR, state)
         state.model_patcher.set(base, "multi_modal_projector", slot)
-        self.guard_placeholder_count(base, state, model.config.image_token_id)
+        if self.packer is not None:
+            state.model_patcher.override_method(base, "pack_image_features", self.packer)
 
     # --- processor ---------------------------------------------------------
     def crop_tokens(
@@ -134,7 +142,7 @@ class LlavaAdapter(FamilyAdapter):
     ) -> tuple[int, int]:
         """Pooled grid of one crop of ``crop_hw`` pixels under the budget in force."""
         native = self.native_crop_grid(processor, crop_hw)
-        return target_grid(self.check_budget(state.tokens(), native[0] * native[1]), native)
+        return target_grid(self.check_budget(state.budget(), native[0] * native[1]), native)
 
     def native_crop_grid(self, processor: Any, crop_hw: tuple[int, int]) -> tuple[int, int]:
         patch = int(processor.patch_size)
@@ -150,16 +158,16 @@ class LlavaAdapter(FamilyAdapter):
 
     def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
         self.check_processor(processor)
-        adapter = self
+        patcher.override_method(processor, "replace_image_token", _replace_image_token)
 
-        def replace_image_token(
-            self: Any, image_inputs: dict, image_idx: int, **kwargs: Any
-        ) -> str:
-            return self.image_token * adapter.image_token_count(
-                self, state, image_inputs, image_idx
-            )
 
-        patcher.override_method(processor, "replace_image_token", replace_image_token)
+def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+    """Patched ``replace_image_token`` of a LLaVA-family processor: pooled count per image."""
+    state = state_of(self)
+    if state is None or not state.enabled:
+        return stock_method(self, "replace_image_token")(image_inputs, image_idx, **kwargs)
+    adapter = cast(LlavaAdapter, state.adapter)
+    return self.image_token * adapter.image_token_count(self, state, image_inputs, image_idx)
 
 
 def _pack_anyres(
@@ -211,6 +219,37 @@ def _pack_anyres(
     return packed, torch.tensor(lens, dtype=torch.long, device=image_features[0].device)
 
 
+def _pack_next_impl(
+    self: nn.Module,
+    image_features: Any,
+    image_sizes: Any,
+    vision_feature_select_strategy: Any = None,
+    image_newline: Any = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Patched ``LlavaNextModel.pack_image_features``."""
+    state = state_of(self)
+    if state is None or not state.enabled:
+        stock = stock_method(self, "pack_image_features")
+        return stock(image_features, image_sizes, vision_feature_select_strategy, image_newline)
+    return _pack_anyres(self, image_features, image_sizes, image_newline, None)
+
+
+def _pack_onevision_impl(
+    self: nn.Module,
+    image_features: Any,
+    image_sizes: Any,
+    image_newline: Any = None,
+    vision_aspect_ratio: str = "anyres_max_9",
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Patched ``LlavaOnevisionModel.pack_image_features``."""
+    state = state_of(self)
+    if state is None or not state.enabled:
+        stock = stock_method(self, "pack_image_features")
+        return stock(image_features, image_sizes, image_newline, vision_aspect_ratio)
+    max_patches = int(vision_aspect_ratio.removeprefix("anyres_max_"))
+    return _pack_anyres(self, image_features, image_sizes, image_newline, max_patches)
+
+
 class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT (AnyRes): budget per crop, base image included."""
 
@@ -219,20 +258,7 @@ class LlavaNextAdapter(LlavaAdapter):
     processor_classes: ClassVar[tuple[type, ...]] = (LlavaNextProcessor,)
     unit = "image crop"
 
-    def install(self, model: Model, state: PatchState) -> None:
-        super().install(model, state)
-        base = self.base(model)
-
-        def pack_image_features(
-            self: nn.Module,
-            image_features: Any,
-            image_sizes: Any,
-            vision_feature_select_strategy: Any = None,
-            image_newline: Any = None,
-        ) -> tuple[list[torch.Tensor], torch.Tensor]:
-            return _pack_anyres(self, image_features, image_sizes, image_newline, None)
-
-        state.model_patcher.override_method(base, "pack_image_features", pack_image_features)
+    packer: ClassVar[Callable[..., Any] | None] = staticmethod(_pack_next_impl)
 
     def unpadded_count(
         self, processor: Any, side: tuple[int, int], orig: Any, crop_hw: Any
@@ -272,21 +298,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     )
     processor_classes: ClassVar[tuple[type, ...]] = (LlavaOnevisionProcessor,)
 
-    def install(self, model: Model, state: PatchState) -> None:
-        LlavaAdapter.install(self, model, state)
-        base = self.base(model)
-
-        def pack_image_features(
-            self: nn.Module,
-            image_features: Any,
-            image_sizes: Any,
-            image_newline: Any = None,
-            vision_aspect_ratio: str = "anyres_max_9",
-        ) -> tuple[list[torch.Tensor], torch.Tensor]:
-            max_patches = int(vision_aspect_ratio.removeprefix("anyres_max_"))
-            return _pack_anyres(self, image_features, image_sizes, image_newline, max_patches)
-
-        state.model_patcher.override_method(base, "pack_image_features", pack_image_features)
+    packer: ClassVar[Callable[..., Any] | None] = staticmethod(_pack_onevision_impl)
 
     def native_crop_grid(self, processor: Any, crop_hw: tuple[int, int]) -> tuple[int, int]:
         side = math.isqrt(int(processor.num_image_tokens))  # the processor has no patch_size

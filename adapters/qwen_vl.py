@@ -71,10 +71,9 @@ Every method override keeps the wrapped method's signature (``functools.wraps``)
 from __future__ import annotations
 
 import contextvars
-import functools
 import inspect
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -91,10 +90,11 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from flexproj.adapters.base import FamilyAdapter, Patcher, PatchState, register_adapter
-from flexproj.errors import TokenCountMismatch
+from flexproj.family import FamilyAdapter, check_count
+from flexproj.patcher import Patcher, stock_method
 from flexproj.pooling import Grid, pool_packed, target_grid
-from flexproj.projector import FlexProjector
+from flexproj.registry import register_adapter
+from flexproj.state import STATE_ATTR, PatchState, state_of
 
 __all__ = [
     "MergerPassThrough",
@@ -111,10 +111,10 @@ _ENCODING: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "flexproj_qwen_encoding", default=False
 )
 
-# (modality, grid_thw argument, features argument of get_placeholder_mask, config id name)
+# (modality, grid_thw argument of get_rope_index, config attribute of its token id)
 _MODALITIES = (
-    ("image", "image_grid_thw", "image_features", "image_token_id"),
-    ("video", "video_grid_thw", "video_features", "video_token_id"),
+    ("image", "image_grid_thw", "image_token_id"),
+    ("video", "video_grid_thw", "video_token_id"),
 )
 
 
@@ -184,15 +184,19 @@ class MergerPassThrough(nn.Module):
     run later, in the wrapped ``get_image_features``, once the per-image grids are known.
     """
 
-    def __init__(self, projector: FlexProjector, merge_size: int) -> None:
+    def __init__(self, projector: nn.Module, stock: nn.Module, merge_size: int) -> None:
         super().__init__()
         self.projector = projector
+        self.stock = stock  # the stock merger (follows .to(); runs inside flexproj.disabled)
         self.merge_size = merge_size
 
     def extra_repr(self) -> str:
         return f"merge_size={self.merge_size} (pass-through; projects in get_image_features)"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        state = state_of(self)
+        if state is None or not state.enabled:
+            return self.stock(hidden_states)
         unit = self.merge_size**2
         return hidden_states.reshape(-1, unit * hidden_states.shape[-1])  # (L/m², m²*C)
 
@@ -203,12 +207,13 @@ class MergerPassThrough(nn.Module):
 class Qwen2VLAdapter(FamilyAdapter):
     """Qwen2-VL (``Qwen2VLForConditionalGeneration`` / ``Qwen2VLModel``)."""
 
-    model_types: tuple[str, ...] = ("qwen2_vl",)
-    model_classes: tuple[type, ...] = (Qwen2VLForConditionalGeneration, Qwen2VLModel)
-    processor_classes: tuple[type, ...] = (Qwen2VLProcessor,)
-    base_class: type = Qwen2VLModel
+    model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
+    model_classes: ClassVar[tuple[type, ...]] = (Qwen2VLForConditionalGeneration, Qwen2VLModel)
+    processor_classes: ClassVar[tuple[type, ...]] = (Qwen2VLProcessor,)
+    base_class: ClassVar[type] = Qwen2VLModel
     unit = "image or temporal patch"
     caps_budget = True
+    recipe = "qwen_vl"
 
     # --- model side -------------------------------------------------------
     def base(self, model: nn.Module) -> Any:
@@ -228,27 +233,25 @@ class Qwen2VLAdapter(FamilyAdapter):
     def projector_dims(self, model: nn.Module) -> tuple[int, int]:
         return self.vision_width(model), int(_config(model).text_config.hidden_size)
 
-    def native_tokens(self, model: nn.Module) -> int:
-        """Qwen has no fixed count: each image keeps its own native grid, and budgets are
-        capped per image. The bound returned (used for the default budget and recorded in
-        checkpoints) is the most vision tokens the LLM can hold: its context length."""
-        return int(_config(model).text_config.max_position_embeddings)
+    def native_tokens(self, model: nn.Module) -> int | None:
+        """None: Qwen has no fixed count, each image keeps its own native grid (budgets
+        are capped per image)."""
+        return None
 
     def install(self, model: nn.Module, state: PatchState) -> None:
         base = self.base(model)
         patcher = state.model_patcher
-        merge = self.merge_size(model)
-        patcher.set(base.visual, "merger", MergerPassThrough(state.projector, merge))
-        for name, grid_key in (
-            ("get_image_features", "image_grid_thw"),
-            ("get_video_features", "video_grid_thw"),
-        ):
-            patcher.set(base, name, self._wrap_features(base, state, name, grid_key, merge))
-        patcher.set(base, "get_rope_index", self._wrap_rope_index(base, state, merge))
-        patcher.set(base, "get_placeholder_mask", self._wrap_placeholder_mask(base, state))
+        stock = base.visual.merger
+        self.freeze_stock(stock, patcher)
+        slot = MergerPassThrough(state.projector, stock, self.merge_size(model))
+        setattr(slot, STATE_ATTR, state)
+        patcher.set(base.visual, "merger", slot)
+        patcher.override_method(base, "get_image_features", _get_image_features)
+        patcher.override_method(base, "get_video_features", _get_video_features)
+        patcher.override_method(base, "get_rope_index", _get_rope_index)
 
     def pool_output(
-        self, output: Any, grid_thw: Any, tokens: int, projector: FlexProjector, merge: int
+        self, output: Any, grid_thw: Any, budget: int, projector: Any, merge: int
     ) -> None:
         """Pool and project the stock features of ``output`` in place (see the module docstring)."""
         if not isinstance(grid_thw, torch.Tensor):
@@ -256,7 +259,7 @@ class Qwen2VLAdapter(FamilyAdapter):
                 "Qwen-VL vision features need their grid_thw (image_grid_thw / video_grid_thw)"
             )
         grids = [(int(t), int(h), int(w)) for t, h, w in grid_thw.tolist()]
-        llm = [llm_grid(g, tokens, merge) for g in grids]
+        llm = [llm_grid(g, budget, merge) for g in grids]
         counts = [t * h * w for t, h, w in llm]
         targets: list[Grid] = [(h, w) for t, h, w in llm for _ in range(t)]
 
@@ -274,91 +277,6 @@ class Qwen2VLAdapter(FamilyAdapter):
                 for layer in deepstack
             ]
 
-    def _wrap_features(
-        self, base: Any, state: PatchState, name: str, grid_key: str, merge: int
-    ) -> Callable[..., Any]:
-        original = getattr(base, name)
-        signature = inspect.signature(original)
-        adapter = self
-
-        @functools.wraps(original)
-        def get_features(*args: Any, **kwargs: Any) -> Any:
-            if _ENCODING.get():  # called from inside another wrapped get_*_features
-                return original(*args, **kwargs)
-            return_dict = kwargs.pop("return_dict", None)
-            if return_dict is None:  # as transformers' can_return_tuple decides
-                return_dict = getattr(base.config, "return_dict", True)
-            grid_thw = signature.bind(*args, **kwargs).arguments.get(grid_key)
-            token = _ENCODING.set(True)
-            try:
-                output = original(*args, return_dict=True, **kwargs)
-            finally:
-                _ENCODING.reset(token)
-            adapter.pool_output(output, grid_thw, state.tokens(), state.projector, merge)
-            return output if return_dict else output.to_tuple()
-
-        return get_features
-
-    def _wrap_rope_index(self, base: Any, state: PatchState, merge: int) -> Callable[..., Any]:
-        original = base.get_rope_index
-        signature = inspect.signature(original)
-        config = base.config
-        adapter = self
-
-        @functools.wraps(original)
-        def get_rope_index(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            input_ids = bound.arguments.get("input_ids")
-            tokens = state.tokens()
-            for kind, grid_key, _, id_name in _MODALITIES:
-                grid_thw = bound.arguments.get(grid_key)
-                if grid_thw is None:
-                    continue
-                pooled = pooled_grid_thw(grid_thw, tokens, merge)  # (n, 3): (t, h'*m, w'*m)
-                if input_ids is not None:
-                    produced = int((pooled.prod(-1) // merge**2).sum())
-                    placeholders = int((input_ids == getattr(config, id_name)).sum())
-                    adapter.check_count(kind, placeholders, produced, tokens)
-                bound.arguments[grid_key] = pooled
-            return original(*bound.args, **bound.kwargs)
-
-        return get_rope_index
-
-    def _wrap_placeholder_mask(self, base: Any, state: PatchState) -> Callable[..., Any]:
-        original = base.get_placeholder_mask
-        signature = inspect.signature(original)
-        config = base.config
-        adapter = self
-
-        @functools.wraps(original)
-        def get_placeholder_mask(*args: Any, **kwargs: Any) -> Any:
-            # Checked before transformers does, so it holds with TRANSFORMERS_DISABLE_TORCH_CHECK too.
-            bound = signature.bind(*args, **kwargs)
-            input_ids = bound.arguments.get("input_ids")
-            embeds = bound.arguments.get("inputs_embeds")
-            if input_ids is not None and embeds is not None:
-                for kind, _, features_key, id_name in _MODALITIES:
-                    features = bound.arguments.get(features_key)
-                    if features is not None:
-                        placeholders = int((input_ids == getattr(config, id_name)).sum())
-                        adapter.check_count(
-                            kind, placeholders, features.numel() // embeds.shape[-1], state.tokens()
-                        )
-            return original(*args, **kwargs)
-
-        return get_placeholder_mask
-
-    def check_count(self, kind: str, placeholders: int, produced: int, tokens: int) -> None:
-        """Raise :class:`TokenCountMismatch` when placeholders and features disagree."""
-        if placeholders != produced:
-            raise TokenCountMismatch(
-                f"the inputs carry {placeholders} {kind} placeholder tokens but the patched model "
-                f"produces {produced} {kind} features (budget: {tokens} vision tokens per image or "
-                "temporal patch, each image at most its native count). Build the inputs with a "
-                "processor patched by flexproj.patch(model, processor), inside the same "
-                "flexproj.tokens(n) block that runs the model."
-            )
-
     # --- processor -----------------------------------------------------------
     def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
         """Emit ``t * h' * w'`` placeholders per image / video.
@@ -369,35 +287,101 @@ class Qwen2VLAdapter(FamilyAdapter):
         the expanded ids afterwards, so it follows.
         """
         self.check_processor(processor)
-        stock_image, stock_video = processor.replace_image_token, processor.replace_video_token
+        patcher.override_method(processor, "replace_image_token", _replace_image_token)
+        patcher.override_method(processor, "replace_video_token", _replace_video_token)
 
-        def pooled(inputs: dict, grid_key: str, merge: int) -> dict:
-            grid_thw = torch.as_tensor(np.asarray(inputs[grid_key]), dtype=torch.long)  # (n, 3)
-            return {**inputs, grid_key: pooled_grid_thw(grid_thw, state.tokens(), merge).numpy()}
 
-        def replace_image_token(
-            self: Any, image_inputs: dict, image_idx: int, **kwargs: Any
-        ) -> str:
-            merge = int(self.image_processor.merge_size)
-            return stock_image(pooled(image_inputs, "image_grid_thw", merge), image_idx, **kwargs)
+def _pooled_features(self: Any, name: str, grid_key: str, args: tuple, kwargs: dict) -> Any:
+    """Patched ``get_image_features`` / ``get_video_features``: stock tower, then pool + project."""
+    stock = stock_method(self, name)
+    state = state_of(self)
+    if state is None or not state.enabled or _ENCODING.get():
+        # stock path, or called from inside another wrapped get_*_features (Qwen3-VL's
+        # get_video_features calls get_image_features): pass through, pool once
+        return stock(*args, **kwargs)
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:  # as transformers' can_return_tuple decides
+        return_dict = getattr(self.config, "return_dict", True)
+    grid_thw = inspect.signature(stock).bind(*args, **kwargs).arguments.get(grid_key)
+    token = _ENCODING.set(True)
+    try:
+        output = stock(*args, return_dict=True, **kwargs)
+    finally:
+        _ENCODING.reset(token)
+    merge = int(self.config.vision_config.spatial_merge_size)
+    adapter = cast(Qwen2VLAdapter, state.adapter)
+    adapter.pool_output(output, grid_thw, state.budget(), state.projector, merge)
+    return output if return_dict else output.to_tuple()
 
-        def replace_video_token(
-            self: Any, video_inputs: dict, video_idx: int, **kwargs: Any
-        ) -> str:
-            merge = int(self.video_processor.merge_size)
-            return stock_video(pooled(video_inputs, "video_grid_thw", merge), video_idx, **kwargs)
 
-        patcher.override_method(processor, "replace_image_token", replace_image_token)
-        patcher.override_method(processor, "replace_video_token", replace_video_token)
+def _get_image_features(self: Any, *args: Any, **kwargs: Any) -> Any:
+    return _pooled_features(self, "get_image_features", "image_grid_thw", args, kwargs)
+
+
+def _get_video_features(self: Any, *args: Any, **kwargs: Any) -> Any:
+    return _pooled_features(self, "get_video_features", "video_grid_thw", args, kwargs)
+
+
+def _get_rope_index(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """Patched ``get_rope_index``: M-RoPE laid out on the pooled grids.
+
+    ``generate()`` computes positions before it encodes images, so placeholder counts are
+    checked here too (the one check of :mod:`flexproj.family`).
+    """
+    stock = stock_method(self, "get_rope_index")
+    state = state_of(self)
+    if state is None or not state.enabled:
+        return stock(*args, **kwargs)
+    bound = inspect.signature(stock).bind(*args, **kwargs)
+    input_ids = bound.arguments.get("input_ids")
+    budget = state.budget()
+    merge = int(self.config.vision_config.spatial_merge_size)
+    for kind, grid_key, id_name in _MODALITIES:
+        grid_thw = bound.arguments.get(grid_key)
+        if grid_thw is None:
+            continue
+        pooled = pooled_grid_thw(grid_thw, budget, merge)  # (n, 3): (t, h'*m, w'*m)
+        if input_ids is not None:
+            produced = int((pooled.prod(-1) // merge**2).sum())
+            placeholders = int((input_ids == getattr(self.config, id_name)).sum())
+            check_count(state, kind, placeholders, produced)
+        bound.arguments[grid_key] = pooled
+    return stock(*bound.args, **bound.kwargs)
+
+
+def _replace_with_pooled_grid(
+    self: Any, name: str, grid_key: str, merge: int, inputs: dict, idx: int, kwargs: dict
+) -> str:
+    """Call the stock ``replace_*_token`` with the pooled grid in place of the real one."""
+    stock = stock_method(self, name)
+    state = state_of(self)
+    if state is not None and state.enabled:
+        grid_thw = torch.as_tensor(np.asarray(inputs[grid_key]), dtype=torch.long)  # (n, 3)
+        inputs = {**inputs, grid_key: pooled_grid_thw(grid_thw, state.budget(), merge).numpy()}
+    return stock(inputs, idx, **kwargs)
+
+
+def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+    merge = int(self.image_processor.merge_size)
+    return _replace_with_pooled_grid(
+        self, "replace_image_token", "image_grid_thw", merge, image_inputs, image_idx, kwargs
+    )
+
+
+def _replace_video_token(self: Any, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
+    merge = int(self.video_processor.merge_size)
+    return _replace_with_pooled_grid(
+        self, "replace_video_token", "video_grid_thw", merge, video_inputs, video_idx, kwargs
+    )
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL: window attention in the tower (restored by the stock code before pooling)."""
 
-    model_types: tuple[str, ...] = ("qwen2_5_vl",)
-    model_classes: tuple[type, ...] = (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel)
-    processor_classes: tuple[type, ...] = (Qwen2_5_VLProcessor,)
-    base_class: type = Qwen2_5_VLModel
+    model_types = ("qwen2_5_vl",)
+    model_classes: ClassVar[tuple[type, ...]] = (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel)
+    processor_classes: ClassVar[tuple[type, ...]] = (Qwen2_5_VLProcessor,)
+    base_class: ClassVar[type] = Qwen2_5_VLModel
 
     def vision_width(self, model: nn.Module) -> int:
         return int(_config(model).vision_config.hidden_size)
@@ -407,9 +391,9 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     """Qwen3-VL: deepstack features pooled to the same grids; per-frame video timestamps."""
 
     model_types = ("qwen3_vl",)
-    model_classes = (Qwen3VLForConditionalGeneration, Qwen3VLModel)
-    processor_classes = (Qwen3VLProcessor,)
-    base_class = Qwen3VLModel
+    model_classes: ClassVar[tuple[type, ...]] = (Qwen3VLForConditionalGeneration, Qwen3VLModel)
+    processor_classes: ClassVar[tuple[type, ...]] = (Qwen3VLProcessor,)
+    base_class: ClassVar[type] = Qwen3VLModel
 
 
 register_adapter(Qwen2VLAdapter())

@@ -20,33 +20,41 @@ from flexproj.errors import (
     UnsupportedModelError,
 )
 from flexproj.kernels import BackendUnavailable, available_backends
-from flexproj.patching import is_patched, patch, patch_processor, unpatch, unpatch_processor
+from flexproj.patching import (
+    PatchInfo,
+    disabled,
+    get_projector,
+    is_patched,
+    patch,
+    patch_info,
+    patch_processor,
+    unpatch,
+    unpatch_processor,
+)
 from flexproj.pooling import pool_grid, pool_packed, target_grid
 from flexproj.projector import FlexProjector
-
-
-def supported_models() -> list[str]:
-    """The ``config.model_type`` strings flexproj can patch."""
-    from flexproj.adapters import supported_models as _supported
-
-    return _supported()
-
+from flexproj.registry import FamilyUnavailable, supported_models
 
 __all__ = [
     "BackendUnavailable",
     "BudgetError",
     "CheckpointError",
+    "FamilyUnavailable",
     "FlexProjector",
     "FlexprojError",
     "PatchError",
+    "PatchInfo",
     "TokenCountMismatch",
     "UnsupportedModelError",
     "__version__",
     "available_backends",
     "current_tokens",
+    "disabled",
     "from_pretrained",
+    "get_projector",
     "is_patched",
     "patch",
+    "patch_info",
     "patch_processor",
     "pool_grid",
     "pool_packed",

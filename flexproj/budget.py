@@ -1,33 +1,116 @@
 """The per-call token budget: ``with flexproj.tokens(64): ...``.
 
-A :class:`contextvars.ContextVar` holds it, so each thread and each asyncio task
-sees its own value, and nested blocks restore the outer one on exit. Patched models
-and processors read it through :func:`current_tokens`; outside any block they use the
-default given to :func:`flexproj.patch`.
+A :class:`contextvars.ContextVar` holds it, so each thread and each asyncio task sees
+its own value, and nested blocks restore the outer one on exit. Patched models and
+processors read it through :func:`current_tokens`; outside any block a patched model
+takes the budget its inputs were built with (see ``FamilyAdapter.infer_budget``), and
+a patched processor the default given to :func:`flexproj.patch`.
+
+``tokens(n)`` is also a decorator, for plain functions, coroutine functions and
+generator functions alike: a generator gets the budget around each of its steps, so
+one driven step by step from different threads or contexts (as web frameworks drive
+streaming responses) keeps it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import Iterator
+import functools
+import inspect
+import operator
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
 
-from flexproj.pooling import check_token_count
+from flexproj.errors import BudgetError
 
 _BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "flexproj_tokens", default=None
 )
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-@contextlib.contextmanager
-def tokens(n: int) -> Iterator[int]:
-    """Use ``n`` vision tokens per image (per tile, per temporal patch) inside the block."""
-    n = check_token_count(n)
-    token = _BUDGET.set(n)
+__all__ = ["budget_value", "current_tokens", "tokens"]
+
+
+def budget_value(n: object) -> int:
+    """``n`` as a budget: a positive integer (ints and integer-like values such as
+    ``numpy.int64``; bools, floats and strings are refused with a :class:`BudgetError`)."""
+    if isinstance(n, (bool, float, str, bytes)):
+        raise BudgetError(f"a budget must be a positive int, got {n!r} ({type(n).__name__})")
     try:
-        yield n
-    finally:
-        _BUDGET.reset(token)
+        value = operator.index(n)  # type: ignore[arg-type]
+    except TypeError:
+        raise BudgetError(
+            f"a budget must be a positive int, got {n!r} ({type(n).__name__})"
+        ) from None
+    if value <= 0:
+        raise BudgetError(f"a budget must be a positive int, got {value}")
+    return value
+
+
+class tokens:
+    """Use ``n`` vision tokens per image (per tile, per temporal patch) inside the block."""
+
+    def __init__(self, n: object) -> None:
+        self.n = budget_value(n)
+        self._resets: list[contextvars.Token[int | None]] = []
+
+    def __enter__(self) -> int:
+        self._resets.append(_BUDGET.set(self.n))
+        return self.n
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        reset = self._resets.pop()
+        try:
+            _BUDGET.reset(reset)
+        except ValueError:  # exited in another context (a generator resumed elsewhere)
+            previous = reset.old_value
+            _BUDGET.set(None if previous is contextvars.Token.MISSING else previous)
+
+    def __call__(self, func: F) -> F:
+        n = self.n
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                with tokens(n):
+                    return await func(*args, **kwargs)
+
+            return run_async  # type: ignore[return-value]
+        if inspect.isasyncgenfunction(func):
+            raise BudgetError(
+                f"@flexproj.tokens cannot decorate the async generator {func.__qualname__}: "
+                "use `with flexproj.tokens(n):` around the model calls inside it"
+            )
+        if inspect.isgeneratorfunction(func):
+
+            @functools.wraps(func)
+            def run_steps(*args: Any, **kwargs: Any) -> Any:
+                with tokens(n):
+                    gen = func(*args, **kwargs)
+                    value = None
+                while True:
+                    with tokens(n):  # each step, in whatever context it runs
+                        try:
+                            item = gen.send(value)
+                        except StopIteration as stop:
+                            return stop.value
+                    value = yield item
+
+            return run_steps  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with tokens(n):
+                return func(*args, **kwargs)
+
+        return run  # type: ignore[return-value]
 
 
 def current_tokens(default: int | None = None) -> int | None:

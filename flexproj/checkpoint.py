@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -23,8 +23,11 @@ from torch import nn
 from flexproj._types import Model
 from flexproj._version import __version__
 from flexproj.errors import CheckpointError, PatchError
-from flexproj.patching import get_state, patch, patch_processor, unpatch
+from flexproj.family import model_device_dtype
+from flexproj.patching import patch, patch_processor
 from flexproj.projector import FlexProjector
+from flexproj.registry import adapter_for
+from flexproj.state import PatchState, state_of
 
 WEIGHTS_NAME = "flexproj.safetensors"
 CONFIG_NAME = "flexproj_config.json"
@@ -50,32 +53,57 @@ def _write_text(path: str, text: str) -> None:
     Path(path).write_text(text)
 
 
-def checkpoint_config(model: Model, schedule: dict[str, Any] | None = None) -> dict[str, Any]:
-    state = get_state(model)
+def _patched_state(model: Model) -> PatchState:
+    state = state_of(model)
     if state is None:
         raise PatchError("save_pretrained needs a patched model: call flexproj.patch(model) first")
+    if state.mode != "flex":
+        raise PatchError(
+            f"this model runs its stock projector (projector={state.mode!r}): there is no "
+            "FlexProjector to save; the stock weights are the model's own"
+        )
+    return state
+
+
+def checkpoint_config(model: Model, schedule: dict[str, Any] | None = None) -> dict[str, Any]:
+    state = _patched_state(model)
     return {
         "format": FORMAT_VERSION,
         "flexproj_version": __version__,
         "model_type": model.config.model_type,
         "adapter": type(state.adapter).__name__,
-        "projector": state.projector.config(),
+        "projector": cast(FlexProjector, state.projector).config(),
         "pooling": POOLING,
-        "default_tokens": state.default_tokens,
-        "native_tokens": state.adapter.native_tokens(model),
+        "default_tokens": state.default_budget,
+        # stock tokens per unit; null where each image keeps its own count (Qwen)
+        "native_tokens": state.native_tokens,
         "token_schedule": schedule if schedule is not None else state.schedule,
     }
 
 
 def save_pretrained(
-    model: Model, path: str | os.PathLike[str], *, schedule: dict[str, Any] | None = None
+    model: Model,
+    path: str | os.PathLike[str],
+    *,
+    schedule: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the projector of patched ``model`` to directory ``path``; returns it."""
+    """Write the projector of patched ``model`` to directory ``path``; returns it.
+
+    ``state_dict``: the projector's weights to write instead of the live module's (e.g.
+    gathered from FSDP shards); it must have exactly the projector's keys and shapes.
+    """
     config = checkpoint_config(model, schedule)
-    tensors = {
-        k: v.detach().to("cpu").contiguous()
-        for k, v in get_state(model).projector.state_dict().items()
-    }
+    live = _patched_state(model).projector.state_dict()
+    if state_dict is not None:
+        shapes = {k: tuple(v.shape) for k, v in live.items()}
+        given = {k: tuple(v.shape) for k, v in state_dict.items()}
+        if shapes != given:
+            raise CheckpointError(
+                f"state_dict does not match the projector: expected {shapes}, got {given}"
+            )
+        live = state_dict
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in live.items()}
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True)
@@ -127,10 +155,10 @@ def from_pretrained(
 
     An unpatched model is patched with it (default budget from the checkpoint unless
     ``tokens`` is given); a patched one gets its projector replaced, keeping its
-    default budget and patched processors.
+    default budget (unless ``tokens`` is given) and patched processors. Everything is
+    checked before anything changes: a load that fails leaves the model, its projector
+    and its processors as they were.
     """
-    from flexproj.adapters import adapter_for
-
     config, tensors = read_checkpoint(path)
     adapter = adapter_for(model)
     model_type = model.config.model_type
@@ -153,24 +181,71 @@ def from_pretrained(
         raise CheckpointError(
             f"the checkpoint at {path} does not fit its own config: {exc}"
         ) from None
-    reference = next(model.parameters())
-    projector.to(device=reference.device, dtype=reference.dtype)
+    device, dtype = model_device_dtype(model)
+    projector.to(device=device, dtype=dtype)
 
-    state = get_state(model)
+    native = adapter.native_tokens(model)
+    state = state_of(model)
     if state is None:
-        default = config["default_tokens"] if tokens is None else tokens
-        patch(
-            model,
-            processor,
-            tokens=min(default, adapter.native_tokens(model)) if tokens is None else default,
-            projector=projector,
+        if tokens is None:
+            saved_default = config["default_tokens"]
+            tokens = saved_default if native is None else min(saved_default, native)
+        patch(model, processor, tokens=tokens, projector=projector)
+        _patched_state(model).schedule = config.get("token_schedule")
+        return model
+    if state.mode != "flex":
+        raise PatchError(
+            "this model is patched with projector='stock'; flexproj.unpatch(model) first to "
+            "load a FlexProjector"
         )
-    else:
-        processors = [proc for proc, _ in state.processor_patchers]
-        default = state.default_tokens if tokens is None else tokens
-        unpatch(model)
-        patch(model, tokens=default, projector=projector)
-        for proc in [*processors, *([processor] if processor is not None else [])]:
-            patch_processor(model, proc)
-    get_state(model).schedule = config.get("token_schedule")
+    # patched: validate, then swap the projector in place (processors stay patched)
+    default = adapter.check_budget(state.default_budget if tokens is None else tokens, native)
+    if processor is not None:
+        adapter.check_processor(processor)
+    slot = getattr(*adapter.projector_slot(model))
+    slot.projector = projector
+    state.projector = projector
+    state.default_budget = default
+    state.schedule = config.get("token_schedule")
+    if processor is not None and state_of(processor) is not state:
+        patch_processor(model, processor)
     return model
+
+
+def stock_state_dict(model: Model, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` of patched ``model`` with the stock projector's keys where the stock
+    model has them and the flexproj modules left out: what the stock class loads."""
+    state = state_of(model)
+    if state is None:
+        return state_dict
+    slot = getattr(*state.adapter.projector_slot(model))
+    prefix = next(name for name, module in model.named_modules() if module is slot) + "."
+    stock = prefix + "stock."
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(stock):
+            out[prefix + key[len(stock) :]] = value
+        elif not key.startswith(prefix):
+            out[key] = value
+    return out
+
+
+def save_patched_model(self: Model, *args: Any, **kwargs: Any) -> Any:
+    """Patched ``save_pretrained``: the stock model (stock projector included) that the
+    stock class reloads exactly, plus this model's flexproj projector files beside it,
+    which ``flexproj.from_pretrained(model, same_dir)`` loads."""
+    import inspect
+
+    from flexproj.patcher import stock_method
+
+    stock = stock_method(self, "save_pretrained")
+    bound = inspect.signature(stock).bind(*args, **kwargs)
+    given = bound.arguments.get("state_dict")
+    bound.arguments["state_dict"] = stock_state_dict(
+        self, self.state_dict() if given is None else given
+    )
+    result = stock(*bound.args, **bound.kwargs)
+    state = state_of(self)
+    if state is not None and state.mode == "flex" and bound.arguments.get("is_main_process", True):
+        save_pretrained(self, bound.arguments["save_directory"])
+    return result

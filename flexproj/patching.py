@@ -1,32 +1,116 @@
-"""``flexproj.patch`` / ``flexproj.unpatch``: instance patching, all-or-nothing.
+"""``flexproj.patch`` / ``flexproj.unpatch`` and the public accessors of a patched model.
 
-Everything a patch changes is recorded by a :class:`~flexproj.adapters.base.Patcher`
-and undone in reverse order, on ``unpatch`` or when any step of ``patch`` fails, so
-a failed patch leaves the model exactly as it was and ``unpatch`` gives back the
-original projector object (bit-identical logits). Transformers' classes are never
-touched.
+Everything a patch changes is recorded by a :class:`~flexproj.patcher.Patcher` and undone
+in reverse order, on ``unpatch`` or when any step of ``patch`` fails, so a failed patch
+leaves the model exactly as it was and ``unpatch`` gives back the original projector
+object (bit-identical logits). Transformers' classes are never touched.
+
+While patched, the stock projector stays in the module tree (inside the slot module, as
+``stock``, frozen), so ``.to(dtype)`` / ``.to(device)`` move it too and
+:func:`disabled` can run the stock path for a block without unpatching.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from flexproj._types import Model
 from flexproj.errors import PatchError
+from flexproj.family import model_device_dtype
+from flexproj.patcher import Patcher
+from flexproj.registry import adapter_for
+from flexproj.state import PatchState, disabled_state, state_of
 
-STATE_ATTR = "flexproj_state"
 DEFAULT_TOKENS = 144
 
+__all__ = [
+    "DEFAULT_TOKENS",
+    "PatchInfo",
+    "disabled",
+    "get_projector",
+    "is_patched",
+    "patch",
+    "patch_info",
+    "patch_processor",
+    "unpatch",
+    "unpatch_processor",
+]
 
-def get_state(model: Model) -> Any:
-    """The :class:`~flexproj.adapters.base.PatchState` of a patched model, else ``None``."""
-    return getattr(model, STATE_ATTR, None)
+
+@dataclass(frozen=True)
+class PatchInfo:
+    """What :func:`patch` installed (a read-only summary)."""
+
+    model_type: str
+    #: "flex" (FlexProjector) or "stock" (stock projector, outputs pooled)
+    mode: str
+    default_tokens: int
+    #: stock vision tokens per unit, or None where each image keeps its own (Qwen)
+    native_tokens: int | None
+    unit: str
+    schedule: dict[str, Any] | None
+
+
+def _state(model: Model) -> PatchState:
+    state = state_of(model)
+    if state is None:
+        raise PatchError(f"{type(model).__name__} is not patched by flexproj")
+    return state
 
 
 def is_patched(model: Model) -> bool:
-    return get_state(model) is not None
+    return state_of(model) is not None
+
+
+def get_projector(model: Model) -> nn.Module:
+    """The installed projector: the FlexProjector (or, with ``projector="stock"``, the
+    stock projector whose outputs are pooled). Train, inspect or copy it freely."""
+    return _state(model).projector
+
+
+def patch_info(model: Model) -> PatchInfo:
+    state = _state(model)
+    return PatchInfo(
+        model_type=model.config.model_type,
+        mode=state.mode,
+        default_tokens=state.default_budget,
+        native_tokens=state.native_tokens,
+        unit=state.adapter.unit,
+        schedule=state.schedule,
+    )
+
+
+@contextlib.contextmanager
+def disabled(model: Model) -> Iterator[Model]:
+    """Run the stock model inside the block, in this thread / task only.
+
+    The stock projector and stock placeholder counts (model and processors patched with
+    it) are in force for code running in this context; other threads keep the patched
+    path. Logits equal the unpatched model's bit for bit. Nothing is unpatched.
+    """
+    with disabled_state(_state(model)):
+        yield model
+
+
+def _check_projector(model: Model, projector: Any, expected: tuple[int, int]) -> None:
+    got = (getattr(projector, "in_dim", None), getattr(projector, "out_dim", None))
+    if got != expected:
+        raise PatchError(
+            f"the given projector maps {got[0]} -> {got[1]} but this model needs "
+            f"{expected[0]} -> {expected[1]}"
+        )
+    device, dtype = model_device_dtype(model)
+    for p in projector.parameters():
+        if p.dtype != dtype or p.device != device:
+            raise PatchError(
+                f"the given projector is {p.dtype} on {p.device} but the model is {dtype} on "
+                f"{device}: move it first, projector.to(device={str(device)!r}, dtype={dtype})"
+            )
 
 
 def patch(
@@ -46,16 +130,15 @@ def patch(
             model produces under the budget in force (or use :func:`patch_processor`).
         tokens: default budget outside ``flexproj.tokens`` blocks; ``None`` means 144,
             or the model's native count per image / tile when that is smaller.
-        projector: a FlexProjector to install (e.g. a trained one); by default a new
-            one of the right dims, on the model's device and dtype.
+        projector: a FlexProjector to install (e.g. a trained one; same device and dtype
+            as the model); by default a new one of the right dims, on the model's device
+            and dtype.
         kernel: SwiGLU backend of a new projector.
         hidden_dim: hidden width of a new projector (default ``3 * in_dim``).
 
     Patching an already patched model raises :class:`~flexproj.errors.PatchError`:
     call :func:`unpatch` first (a second projector would silently drop the first).
     """
-    from flexproj.adapters import PatchState, adapter_for
-
     adapter = adapter_for(model)
     if is_patched(model):
         raise PatchError(
@@ -63,23 +146,19 @@ def patch(
             "first, or flexproj.patch_processor(model, processor) to patch another processor"
         )
     native = adapter.native_tokens(model)
-    default = adapter.check_budget(
-        min(DEFAULT_TOKENS, native) if tokens is None else tokens, native
-    )
+    if tokens is None:
+        tokens = DEFAULT_TOKENS if native is None else min(DEFAULT_TOKENS, native)
+    default = adapter.check_budget(tokens, native)
     if projector is None:
         projector = adapter.build_projector(model, hidden_dim=hidden_dim, kernel=kernel)
     else:
-        expected = adapter.projector_dims(model)
-        got = (getattr(projector, "in_dim", None), getattr(projector, "out_dim", None))
-        if got != expected:
-            raise PatchError(
-                f"the given projector maps {got[0]} -> {got[1]} but this model needs "
-                f"{expected[0]} -> {expected[1]}"
-            )
-    state = PatchState(adapter=adapter, projector=projector, default_tokens=default, kernel=kernel)
+        _check_projector(model, projector, adapter.projector_dims(model))
+    state = PatchState(
+        adapter=adapter, projector=projector, default_budget=default, native_tokens=native
+    )
     try:
+        adapter.install_common(model, state)
         adapter.install(model, state)
-        state.model_patcher.set(model, STATE_ATTR, state)
         if processor is not None:
             patch_processor(model, processor)
     except BaseException:
@@ -93,18 +172,13 @@ def patch_processor(model: Model, processor: Any) -> Any:
 
     A processor patched for another model is unpatched from it first.
     """
-    from flexproj.adapters import Patcher
-
-    state = get_state(model)
-    if state is None:
-        raise PatchError("patch the model first: flexproj.patch(model, processor)")
-    previous = getattr(processor, STATE_ATTR, None)
-    if previous is not None:
+    state = _state(model)
+    if state_of(processor) is not None:
         unpatch_processor(processor)
     patcher = Patcher()
     try:
+        state.adapter.install_processor_common(processor, state, patcher)
         state.adapter.patch_processor(processor, state, patcher)
-        patcher.set(processor, STATE_ATTR, state)
     except BaseException:
         patcher.undo()
         raise
@@ -114,7 +188,7 @@ def patch_processor(model: Model, processor: Any) -> Any:
 
 def unpatch_processor(processor: Any) -> Any:
     """Give ``processor`` its stock placeholder counting back."""
-    state = getattr(processor, STATE_ATTR, None)
+    state = state_of(processor)
     if state is None:
         return processor
     for i, (proc, patcher) in enumerate(state.processor_patchers):
@@ -127,9 +201,7 @@ def unpatch_processor(processor: Any) -> Any:
 
 def unpatch(model: Model) -> nn.Module:
     """Undo :func:`patch`: the original projector object and methods come back."""
-    state = get_state(model)
-    if state is None:
-        raise PatchError(f"{type(model).__name__} is not patched by flexproj")
+    state = _state(model)
     while state.processor_patchers:
         _, patcher = state.processor_patchers.pop()
         patcher.undo()

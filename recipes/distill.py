@@ -4,16 +4,14 @@ Before training, the FlexProjector is fitted to reproduce what the model's *stoc
 projector feeds the LLM, on the training images, with the vision tower only (no LLM
 forward). Each step:
 
-1. ``flexproj.unpatch(model)`` puts the stock projector back (the very module object the
-   patch took out), and ``model.get_image_features(...)`` gives the stock outputs: the
-   target, under ``no_grad``;
-2. ``flexproj.patch(model, projector=flex)`` re-installs the same FlexProjector, and
-   ``model.get_image_features(...)`` inside ``flexproj.tokens(N)`` gives its outputs;
+1. inside ``flexproj.disabled(model)`` the stock path runs, and
+   ``model.get_image_features(...)`` gives the stock outputs: the target, under ``no_grad``;
+2. outside it, ``model.get_image_features(...)`` inside ``flexproj.tokens(N)`` gives the
+   FlexProjector's outputs;
 3. loss = relative MSE (MSE / mean square of the target) + ``w`` * (1 - cosine
    similarity), per token; AdamW on the projector only, cosine-decayed learning rate.
 
-Toggling the patch costs a few attribute swaps and a second vision-tower forward per
-step; in exchange it needs no family internals: whatever the stock model does between
+Running both paths costs a second vision-tower forward per step; in exchange it needs no family internals: whatever the stock model does between
 the tower and the LLM (CLS dropping, pixel shuffle, AnyRes packing, Qwen's merger and
 window order) is what the target is.
 
@@ -46,7 +44,6 @@ from PIL import Image
 
 import flexproj
 from flexproj._types import Model
-from flexproj.patching import get_state, patch, unpatch
 from flexproj.recipes.data import DataError, Record, open_image
 from flexproj.recipes.family import FamilyRecipe
 
@@ -143,10 +140,9 @@ def distill_projector(
     ``tokens``, ``steps``, ``cosine_before`` / ``cosine_after`` and ``mse_before`` /
     ``mse_after`` on a fixed batch, and the per-step ``history``.
     """
-    state = get_state(model)
-    if state is None:
-        raise RuntimeError("distill_projector needs a model patched by flexproj.patch")
-    projector, default_tokens = state.projector, state.default_tokens
+    if not flexproj.is_patched(model):
+        raise flexproj.PatchError("distill_projector needs a model patched by flexproj.patch")
+    projector = flexproj.get_projector(model)
     tokens = recipe.distill_tokens(model)
     device = next(projector.parameters()).device
     batches = _batches(records, batch_size, seed)
@@ -162,12 +158,8 @@ def distill_projector(
         return _image_inputs(processor, recipe, images, device, accepted)
 
     def compare(inputs: dict[str, Any], grad: bool) -> tuple[torch.Tensor, float, float]:
-        unpatch(model)
-        try:
-            with torch.no_grad():
-                target = recipe.stock_features(_features(model, inputs), model)
-        finally:
-            patch(model, tokens=default_tokens, projector=projector)
+        with flexproj.disabled(model), torch.no_grad():
+            target = recipe.stock_features(_features(model, inputs), model)
         with flexproj.tokens(tokens), torch.set_grad_enabled(grad):
             pred = _features(model, inputs)
         return _metrics(*_match(pred, target, tokens), cosine_weight)

@@ -28,9 +28,10 @@ from torch import nn
 from flexproj._types import Model
 from flexproj.recipes.config import ConfigError
 from flexproj.recipes.data import IMAGE_TAG, DataError, Segment
+from flexproj.registry import adapter_for, load_adapters
 
 __all__ = [
-    "RECIPE_MODULES",
+    "UNCAPPED_BUDGET",
     "FamilyRecipe",
     "get_recipe",
     "recipe_for_model",
@@ -38,30 +39,31 @@ __all__ = [
 ]
 
 #: family name -> module holding its ``RECIPE``
-RECIPE_MODULES: dict[str, str] = {
-    "llava": "flexproj.recipes.llava",
-    "qwen_vl": "flexproj.recipes.qwen_vl",
-    "internvl": "flexproj.recipes.internvl",
-}
+#: a budget no image reaches: every image keeps its native grid (families that cap budgets)
+UNCAPPED_BUDGET = 2**31 - 1
+
+
+def recipe_families() -> list[str]:
+    """The recipe names the registered families declare (``FamilyAdapter.recipe``)."""
+    return sorted({a.recipe for a in load_adapters().values() if a.recipe})
+
 
 Messages = Sequence[tuple[str, str]]
 
 
 def get_recipe(family: str) -> FamilyRecipe:
-    """The recipe of ``family`` (``llava``, ``qwen_vl`` or ``internvl``)."""
-    module = RECIPE_MODULES.get(family)
-    if module is None:
-        raise ConfigError(
-            f"unknown model family {family!r}; choose one of {', '.join(RECIPE_MODULES)}"
-        )
-    recipe = importlib.import_module(module).RECIPE
+    """The recipe of ``family`` (one of :func:`recipe_families`)."""
+    families = recipe_families()
+    if family not in families:
+        raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(families)}")
+    recipe = importlib.import_module(f"flexproj.recipes.{family}").RECIPE
     assert isinstance(recipe, FamilyRecipe)
     return recipe
 
 
 def recipe_for_model_type(model_type: str) -> FamilyRecipe:
     """The recipe that trains ``model_type`` (a ``tiny:<name>`` name works too)."""
-    for family in RECIPE_MODULES:
+    for family in recipe_families():
         recipe = get_recipe(family)
         if model_type in recipe.model_types or model_type in recipe.tiny_families:
             return recipe
@@ -328,10 +330,10 @@ class FamilyRecipe:
         return int(model.config.image_token_id)
 
     def distill_tokens(self, model: Model) -> int:
-        """Budget whose FlexProjector grid matches the stock projector's output grid."""
-        from flexproj.adapters import adapter_for
-
-        return adapter_for(model).native_tokens(model)
+        """Budget whose FlexProjector grid matches the stock projector's output grid: the
+        native count, or, where each image keeps its own (Qwen), a budget that caps none."""
+        native = adapter_for(model).native_tokens(model)
+        return UNCAPPED_BUDGET if native is None else native
 
     def stock_features(self, stock: list[torch.Tensor], model: Model) -> list[torch.Tensor]:
         """Hook to align stock projector outputs with the FlexProjector's (default: as is)."""

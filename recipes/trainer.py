@@ -49,13 +49,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import flexproj
 from flexproj._types import Model
-from flexproj.adapters import adapter_for
 from flexproj.errors import BudgetError, FlexprojError
-from flexproj.patching import get_state
-from flexproj.projector import FlexProjector
 from flexproj.recipes.config import ConfigError, RecipeConfig, parse_args
 from flexproj.recipes.data import Batcher, ConversationDataset, collate_examples
 from flexproj.recipes.family import FamilyRecipe, get_recipe
+from flexproj.registry import adapter_for
 from flexproj.schedule import TokenSchedule
 
 __all__ = ["FlexTrainer", "main", "train"]
@@ -231,13 +229,12 @@ class FlexTrainer(Trainer):
 
 def _set_trainable(model: Model, recipe: FamilyRecipe, config: RecipeConfig) -> None:
     """Freeze everything, then unfreeze the projector (+ the LLM for full finetune)."""
-    state = get_state(model)
     for p in model.parameters():
         p.requires_grad_(False)
     if config.stage == "finetune" and not config.lora:
         for module in recipe.llm_modules(model):
             module.requires_grad_(True)
-    state.projector.requires_grad_(True)
+    flexproj.get_projector(model).requires_grad_(True)
 
 
 def _apply_lora(model: Model, recipe: FamilyRecipe, config: RecipeConfig) -> nn.Module:
@@ -249,7 +246,7 @@ def _apply_lora(model: Model, recipe: FamilyRecipe, config: RecipeConfig) -> nn.
         lora_dropout=config.lora_dropout,
         target_modules=recipe.lora_target(model, config.lora_target),
     )
-    projector = get_state(model).projector
+    projector = flexproj.get_projector(model)
     peft_model = get_peft_model(model, lora)
     projector.requires_grad_(True)  # trained in full, saved by flexproj.save_pretrained
     return peft_model
@@ -263,8 +260,8 @@ def _check_schedule(model: Model, schedule: TokenSchedule, log: Callable[[str], 
             adapter.check_budget(n, native)
         except BudgetError as exc:
             raise BudgetError(f"--schedule {list(schedule.tokens)}: {exc}") from None
-    if adapter.caps_budget and any(n > native for n in schedule.tokens):
-        log(f"note: budgets above {native} are capped per {adapter.unit} by this family")
+    if adapter.caps_budget:
+        log(f"note: budgets above an {adapter.unit}'s native count are capped by this family")
 
 
 def _count(model: Model) -> tuple[int, int]:
@@ -294,17 +291,14 @@ def _save_final(
         return {}
     unwrapped: Model = trainer.accelerator.unwrap_model(trainer.model)
     base: Model = _unwrap_peft(unwrapped)
-    state = get_state(base)
+    live = flexproj.get_projector(base)
     # state-dict names, without the wrapper modules FSDP / activation checkpointing insert
-    prefix = _WRAPPERS.sub("", _module_name(unwrapped, state.projector)) + "."
+    prefix = _WRAPPERS.sub("", _module_name(unwrapped, live)) + "."
     tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    projector = FlexProjector(**state.projector.config(), kernel=state.projector.kernel)
-    projector.load_state_dict(tensors)
-    live, state.projector = state.projector, projector  # save the gathered weights
-    try:
-        flexproj.save_pretrained(base, output_dir, schedule=trainer.schedule.to_dict())
-    finally:
-        state.projector = live
+    # save the gathered weights (under FSDP the live module holds only this rank's shard)
+    flexproj.save_pretrained(
+        base, output_dir, schedule=trainer.schedule.to_dict(), state_dict=tensors
+    )
     outputs = {"projector": "."}
     if config.lora:
         unwrapped.save_pretrained(str(output_dir / "lora"), state_dict=state_dict)

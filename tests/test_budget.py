@@ -67,11 +67,11 @@ def test_asyncio_tasks_do_not_leak_into_each_other():
 
 @pytest.mark.parametrize("bad", [0, -3])
 def test_non_positive_budget_raises(bad):
-    with pytest.raises(ValueError, match="positive"), flexproj.tokens(bad):
+    with pytest.raises(flexproj.BudgetError, match="positive"), flexproj.tokens(bad):
         pass
 
 
 @pytest.mark.parametrize("bad", [2.5, "64", None, True])
 def test_non_integer_budget_raises(bad):
-    with pytest.raises(TypeError, match="positive int"), flexproj.tokens(bad):
+    with pytest.raises(flexproj.BudgetError, match="positive int"), flexproj.tokens(bad):
         pass

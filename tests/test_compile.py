@@ -26,7 +26,6 @@ import pytest
 import torch
 
 import flexproj
-from flexproj.patching import get_state
 from flexproj.testing import tiny_images, tiny_vlm
 
 PROMPT = "USER: <image> what color is the circle ? ASSISTANT:"
@@ -107,7 +106,7 @@ def test_compiled_patched_llava_matches_eager_across_budgets():
 
 
 @pytest.mark.slow
-def test_patched_llava_fullgraph():
+def test_patched_llava_fullgraph(monkeypatch):
     model, processor = _patched_llava()
     inputs = _inputs(processor)
     with torch.no_grad():
@@ -115,13 +114,16 @@ def test_patched_llava_fullgraph():
         try:
             torch.compile(model, fullgraph=True)(**inputs)
         except torch._dynamo.exc.Unsupported as exc:
-            assert "ContextVar" in str(exc), exc  # the one known break: the budget read
-        else:  # the budget read became traceable: nothing else to check here
+            assert "ContextVar" in str(exc), exc  # the known breaks: budget / disabled reads
+        else:  # the ContextVar reads became traceable: nothing else to check here
             return
-        # with the ContextVar read replaced by a constant, the whole model is one graph
+        # with the ContextVar reads (budget in force, disabled flag) replaced by constants,
+        # the whole model is one graph
         torch._dynamo.reset()
-        state = get_state(model)
-        state.tokens = lambda: 16
+        state = flexproj.state.state_of(model)
+        state.budget = lambda: 16
+        monkeypatch.setattr(flexproj.state.PatchState, "enabled", property(lambda self: True))
+        monkeypatch.setattr(flexproj.family, "current_tokens", lambda default=None: 16)
         got = torch.compile(model, fullgraph=True)(**inputs).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -129,7 +131,7 @@ def test_patched_llava_fullgraph():
 def test_patched_llava_runs_in_bf16_and_under_autocast():
     model, processor = _patched_llava()
     inputs = _inputs(processor)
-    projector = get_state(model).projector
+    projector = flexproj.get_projector(model)
     seen = []
     projector.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
     with torch.no_grad():

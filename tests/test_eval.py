@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from flexproj.errors import BudgetError
-from flexproj.evaluate import EvalError, evaluate, normalize_answer
+from flexproj.recipes.evaluate import EvalError, evaluate, normalize_answer
 from flexproj.recipes.trainer import main as train_main
 from flexproj.testing.datasets import make_samples, write_llava_dataset
 

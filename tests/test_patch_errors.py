@@ -8,7 +8,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import flexproj
 from flexproj.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from flexproj.patching import get_state
 from flexproj.testing import IMAGE_PLACEHOLDER, tiny_images, tiny_vlm
 
 
@@ -85,7 +84,7 @@ def test_patching_twice_is_an_error_and_keeps_the_first_patch():
     with pytest.raises(flexproj.PatchError, match="already patched"):
         flexproj.patch(model, processor, tokens=9)
     assert model.model.multi_modal_projector is slot
-    assert get_state(model).default_tokens == 16
+    assert flexproj.patch_info(model).default_tokens == 16
 
 
 def test_unpatch_of_an_unpatched_model_raises():
@@ -172,7 +171,7 @@ def test_failed_save_leaves_the_old_checkpoint_whole(saved, monkeypatch):
     assert after == before  # no temp file left behind either
     fresh, _ = tiny_vlm("llava")
     flexproj.from_pretrained(fresh, saved)
-    assert get_state(fresh).default_tokens == 16
+    assert flexproj.patch_info(fresh).default_tokens == 16
 
 
 def test_save_needs_a_patched_model(tmp_path):

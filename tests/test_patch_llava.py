@@ -87,7 +87,7 @@ def test_forward_loss_and_gradient_reaches_only_the_projector(family):
     model, processor, texts = build(family)
     flexproj.patch(model, processor, tokens=9)
     model.requires_grad_(False)
-    projector = flexproj.patching.get_state(model).projector
+    projector = flexproj.get_projector(model)
     projector.requires_grad_(True)
     model.train()
     inputs = encode(processor, texts)
@@ -127,10 +127,9 @@ def test_unpatch_restores_logits_exactly(family):
 def test_save_load_round_trip(family, tmp_path):
     model, processor, texts = build(family)
     flexproj.patch(model, processor, tokens=9)
-    state = flexproj.patching.get_state(model)
     torch.manual_seed(1)
     with torch.no_grad():
-        for p in state.projector.parameters():
+        for p in flexproj.get_projector(model).parameters():
             p.add_(torch.randn_like(p))  # make the weights differ from a fresh init
     flexproj.save_pretrained(model, tmp_path / "proj")
     with flexproj.tokens(4), torch.no_grad():
@@ -138,7 +137,7 @@ def test_save_load_round_trip(family, tmp_path):
 
     fresh, fresh_processor, _ = build(family)
     flexproj.from_pretrained(fresh, tmp_path / "proj", fresh_processor)
-    assert flexproj.patching.get_state(fresh).default_tokens == 9
+    assert flexproj.patch_info(fresh).default_tokens == 9
     with flexproj.tokens(4), torch.no_grad():
         got = fresh(**encode(fresh_processor, texts)).logits
     assert torch.equal(got, expected)
@@ -151,10 +150,9 @@ def test_from_pretrained_replaces_a_patched_projector(tmp_path):
     other, other_processor, _ = build("llava", seed=1)
     flexproj.patch(other, other_processor, tokens=4)
     flexproj.from_pretrained(other, tmp_path / "a")
-    state = flexproj.patching.get_state(other)
-    assert state.default_tokens == 4  # kept
+    assert flexproj.patch_info(other).default_tokens == 4  # kept
     assert torch.equal(
-        state.projector.mlp.w3.weight, flexproj.patching.get_state(model).projector.mlp.w3.weight
+        flexproj.get_projector(other).mlp.w3.weight, flexproj.get_projector(model).mlp.w3.weight
     )
     # the processor patched before is still patched for the new projector
     assert placeholders(other, encode(other_processor, texts)) == [4, 4]
@@ -169,7 +167,7 @@ def test_mismatch_error_names_both_counts():
         flexproj.tokens(4),
         pytest.raises(
             flexproj.TokenCountMismatch,
-            match=r"carry 18 image placeholder tokens but the patched model produced 8",
+            match=r"carry 18 image placeholder tokens but the patched model produces 8",
         ),
     ):
         model(**inputs)
@@ -178,7 +176,7 @@ def test_mismatch_error_names_both_counts():
 def test_unpatched_processor_with_patched_model_is_a_mismatch():
     model, processor, texts = build("llava")
     flexproj.patch(model, tokens=16)
-    with pytest.raises(flexproj.TokenCountMismatch, match=r"carry 128 .* produced 32"):
+    with pytest.raises(flexproj.TokenCountMismatch, match=r"carry 128 .* produces 32"):
         model(**encode(processor, texts))
 
 
@@ -222,4 +220,4 @@ def test_default_budget_and_nested_blocks():
 def test_default_budget_when_none_given_is_capped_at_native():
     model, processor, _ = build("llava")
     flexproj.patch(model, processor)
-    assert flexproj.patching.get_state(model).default_tokens == 64  # min(144, native 64)
+    assert flexproj.patch_info(model).default_tokens == 64  # min(144, native 64)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import flexproj
-from flexproj.adapters import adapter_for
 from flexproj.adapters.qwen_vl import MergerPassThrough, llm_grid
+from flexproj.registry import adapter_for
 from flexproj.testing import IMAGE_PLACEHOLDER, tiny_images, tiny_vlm
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -268,7 +268,7 @@ def test_pooling_layout(family, budget):
         tower = units[torch.argsort(window_index)].reshape_as(tower)
 
     flexproj.patch(model, processor)
-    projector = flexproj.patching.get_state(model).projector
+    projector = flexproj.get_projector(model)
     with torch.no_grad(), flexproj.tokens(budget):
         patched = model.model.get_image_features(pixel_values, grid_thw)
 
@@ -308,9 +308,7 @@ def test_slot_signatures_and_tuple_output(family):
     merger = base.visual.merger
     flexproj.patch(model, processor, tokens=16)
     assert isinstance(base.visual.merger, MergerPassThrough)
-    assert any(
-        p is flexproj.patching.get_state(model).projector.norm.weight for p in model.parameters()
-    )
+    assert any(p is flexproj.get_projector(model).norm.weight for p in model.parameters())
     for name, signature in before.items():
         assert inspect.signature(getattr(base, name)) == signature
     assert adapter_for(model).projector_dims(model) == (32, 64)
@@ -334,7 +332,7 @@ def test_slot_signatures_and_tuple_output(family):
 def test_gradient_reaches_only_the_projector(family):
     model, processor = tiny_vlm(family)
     flexproj.patch(model, processor, tokens=16)
-    projector = flexproj.patching.get_state(model).projector
+    projector = flexproj.get_projector(model)
     model.train()
     model.requires_grad_(False)
     projector.requires_grad_(True)
@@ -372,7 +370,7 @@ def test_checkpoint_round_trip(family, tmp_path):
     torch.manual_seed(1)
     flexproj.patch(model, processor, tokens=16)
     with torch.no_grad():
-        for p in flexproj.patching.get_state(model).projector.parameters():
+        for p in flexproj.get_projector(model).parameters():
             p.add_(torch.randn_like(p) * 0.1)  # not the default init
     inputs = encode(processor)
     want = logits(model, inputs)
@@ -380,7 +378,7 @@ def test_checkpoint_round_trip(family, tmp_path):
 
     fresh, fresh_processor = tiny_vlm(family)
     flexproj.from_pretrained(fresh, tmp_path, fresh_processor)
-    assert flexproj.patching.get_state(fresh).default_tokens == 16
+    assert flexproj.patch_info(fresh).default_tokens == 16
     fresh_inputs = encode(fresh_processor)
     assert torch.equal(fresh_inputs["input_ids"], inputs["input_ids"])
     assert torch.equal(logits(fresh, fresh_inputs), want)

@@ -75,7 +75,7 @@ def require_adapter(family):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_align_then_finetune_full_and_lora_then_evaluate(family, data, tmp_path):
     require_adapter(family)
-    from flexproj.evaluate import evaluate
+    from flexproj.recipes.evaluate import evaluate
 
     align, full, lora = tmp_path / "align", tmp_path / "full", tmp_path / "lora"
     schedule = parse_schedule(SCHEDULE, seed=42)  # --seed defaults to 42
@@ -118,7 +118,7 @@ def test_align_then_finetune_full_and_lora_then_evaluate(family, data, tmp_path)
     model, processor = recipe.load(f"tiny:{FAMILIES[family]}")
     flexproj.from_pretrained(model, align, processor)
     saved = load_file(str(align / "flexproj.safetensors"))
-    live = flexproj.patching.get_state(model).projector.state_dict()
+    live = flexproj.get_projector(model).state_dict()
     assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
     assert json.loads((align / "flexproj_config.json").read_text())["token_schedule"]["tokens"] == [
         4,
@@ -281,7 +281,7 @@ def test_unknown_family(tmp_path, capsys):
 
     assert main("mamba", ["--help"]) == 2
     assert (
-        "unknown model family 'mamba'; choose one of llava, qwen_vl, internvl"
+        "unknown model family 'mamba'; choose one of internvl, llava, qwen_vl"
         in capsys.readouterr().err
     )
     assert cli(["train", "mamba", "--model", "x"]) == 2

@@ -1,12 +1,16 @@
-"""Every registered adapter implements the interface; registration validates."""
+"""The registry: every family implements the contract, registration validates, families
+load lazily and fail alone."""
 
 import inspect
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 import flexproj
-from flexproj.adapters import FamilyAdapter, register_adapter, registered_adapters
-from flexproj.adapters.llava import LlavaAdapter
+from flexproj.family import FamilyAdapter
+from flexproj.registry import get_adapter, load_adapters, register_adapter, register_family
 from flexproj.testing import FAMILIES, tiny_vlm
 
 TINY_FAMILY_FOR = {
@@ -20,14 +24,14 @@ TINY_FAMILY_FOR = {
 }
 
 
-def test_supported_models_reads_the_registry():
-    assert flexproj.supported_models() == sorted(registered_adapters())
-    assert {"llava", "llava_next", "llava_onevision"} <= set(flexproj.supported_models())
+def test_supported_models_lists_every_family():
+    assert flexproj.supported_models() == sorted(TINY_FAMILY_FOR)
+    assert sorted(load_adapters()) == flexproj.supported_models()
 
 
-@pytest.mark.parametrize("model_type", sorted(registered_adapters()))
+@pytest.mark.parametrize("model_type", sorted(TINY_FAMILY_FOR))
 def test_registered_adapter_implements_the_interface(model_type):
-    adapter = registered_adapters()[model_type]
+    adapter = get_adapter(model_type)
     assert isinstance(adapter, FamilyAdapter)
     assert not inspect.isabstract(type(adapter))
     assert model_type in adapter.model_types
@@ -39,12 +43,16 @@ def test_registered_adapter_implements_the_interface(model_type):
     assert isinstance(processor, adapter.processor_classes)
     in_dim, out_dim = adapter.projector_dims(model)
     assert in_dim > 0 and out_dim == model.config.text_config.hidden_size
-    assert adapter.native_tokens(model) > 0
+    native = adapter.native_tokens(model)
+    assert native is None or native > 0
+    assert (native is None) == adapter.caps_budget  # only per-image families have no count
     parent, attr = adapter.projector_slot(model)
     assert hasattr(parent, attr)
 
 
 def test_register_adapter_validates():
+    from flexproj.adapters.llava import LlavaAdapter
+
     class NoTypes(LlavaAdapter):
         model_types = ()
 
@@ -57,3 +65,58 @@ def test_register_adapter_validates():
         register_adapter(NoTypes())
     with pytest.raises(ValueError, match="'llava' is already handled by LlavaAdapter"):
         register_adapter(Clash())
+    with pytest.raises(ValueError, match="already declared"):
+        register_family("llava", "somewhere.else")
+
+
+def _run(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_importing_and_patching_one_family_imports_no_other():
+    out = _run(
+        """
+        import sys
+        import flexproj
+        assert "internvl" in flexproj.supported_models()
+        assert not [m for m in sys.modules if m.startswith("flexproj.adapters.")], "eager"
+        from flexproj.testing.tiny_models import tiny_vlm
+        model, processor = tiny_vlm("internvl")
+        flexproj.patch(model, processor, tokens=4)
+        print(sorted(m for m in sys.modules if m.startswith("flexproj.adapters.")))
+        """
+    )
+    assert out.strip() == "['flexproj.adapters.internvl']"
+
+
+def test_a_family_with_a_missing_class_fails_alone():
+    """Hide InternVLModel as an older transformers release would lack it: InternVL fails with
+    an error naming the class and the version; LLaVA still patches."""
+    out = _run(
+        """
+        from types import SimpleNamespace
+        import transformers
+        import transformers.models.internvl.modeling_internvl as internvl_module
+        import flexproj
+        from flexproj.testing.tiny_models import tiny_vlm
+
+        model, processor = tiny_vlm("llava")
+        del internvl_module.InternVLModel
+        transformers.__dict__.pop("InternVLModel", None)
+        internvl_like = SimpleNamespace(config=SimpleNamespace(model_type="internvl"))
+        try:
+            flexproj.patch(internvl_like)
+        except flexproj.FamilyUnavailable as exc:
+            print("ERR", exc)
+        flexproj.patch(model, processor, tokens=4)
+        print("llava patched", flexproj.is_patched(model))
+        """
+    )
+    assert (
+        "InternVLModel" in out and f"transformers {__import__('transformers').__version__}" in out
+    )
+    assert "llava patched True" in out

@@ -351,8 +351,9 @@ def _bench_family(
     quick: bool,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
+    import contextlib
+
     import flexproj
-    from flexproj.patching import get_state, is_patched
     from flexproj.testing import tiny_images, tiny_vlm
 
     overrides = spec.overrides(
@@ -375,24 +376,20 @@ def _bench_family(
 
     # Every variant (stock, then each budget) gets one vision call and one generate call
     # per round, rounds rotating the order, so drifting machine load hits all alike.
-    # Switching variant swaps the projector module (unpatch / patch with the same
-    # FlexProjector object); the inputs of each variant are built once, up front.
+    # The stock variant runs inside flexproj.disabled(model) (no unpatching); the inputs
+    # of each variant are built once, up front.
     variants: list[tuple[str, int | None]] = [("stock", None)]
     variants += [(f"N={n}", n) for n in [spec.native_budget, *tokens] if n <= spec.native_budget]
     variants = list(dict.fromkeys(variants))  # native budget may also be in tokens
     inputs: dict[str, dict[str, torch.Tensor]] = {"stock": build_inputs()}
     flexproj.patch(model, processor, tokens=spec.native_budget)
-    projector = get_state(model).projector
     for label, budget in variants[1:]:
         assert budget is not None
         with flexproj.tokens(budget):
             inputs[label] = build_inputs()
 
-    def activate(budget: int | None) -> None:
-        if budget is None and is_patched(model):
-            flexproj.unpatch(model)
-        elif budget is not None and not is_patched(model):
-            flexproj.patch(model, tokens=spec.native_budget, projector=projector)
+    def variant(budget: int | None) -> contextlib.AbstractContextManager[Any]:
+        return flexproj.disabled(model) if budget is None else flexproj.tokens(budget)
 
     samples = {label: _Samples() for label, _ in variants}
     watch = Stopwatch(device)
@@ -400,9 +397,8 @@ def _bench_family(
         for r in range(max(1, warmup) + repeats):
             shift = r % len(variants)
             for label, budget in [*variants[shift:], *variants[:shift]]:
-                activate(budget)
                 acc = samples[label]
-                with flexproj.tokens(budget or spec.native_budget):
+                with variant(budget):
                     vision_s = _vision_once(model, inputs[label], watch)
                     stamps, out = _generate_once(model, inputs[label], decode_tokens, watch)
                 if r == 0:
@@ -414,8 +410,7 @@ def _bench_family(
                 acc.cache = out.past_key_values
                 acc.generated = int(out.sequences.shape[1] - inputs[label]["input_ids"].shape[1])
     finally:
-        if is_patched(model):
-            flexproj.unpatch(model)
+        flexproj.unpatch(model)
 
     rows = []
     for label, budget in variants:

@@ -72,11 +72,11 @@ def _maxrss_bytes() -> int:
 
 def _trainable(model: Any) -> list[torch.nn.Parameter]:
     """Projector + LLM + LM head train; the vision tower stays frozen."""
-    from flexproj.patching import get_state
+    import flexproj
 
     for p in model.parameters():
         p.requires_grad_(False)
-    modules = [get_state(model).projector, model.model.language_model, model.lm_head]
+    modules = [flexproj.get_projector(model), model.model.language_model, model.lm_head]
     params: list[torch.nn.Parameter] = []
     seen: set[int] = set()
     for module in modules:

@@ -1,4 +1,4 @@
-"""``flexproj eval``: trained projectors at several vision-token budgets (see flexproj.evaluate)."""
+"""``flexproj eval``: trained projectors at several vision-token budgets (see flexproj.recipes.evaluate)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--model", default=None,
                         help="base model (default: the one recorded in each run's recipe.json)")  # fmt: skip
-    parser.add_argument("--family", default=None, choices=("llava", "qwen_vl", "internvl"),
-                        help="family (default: from recipe.json, else from the model's type)")  # fmt: skip
+    parser.add_argument("--family", default=None,
+                        help="recipe family, e.g. llava, qwen_vl, internvl (default: from recipe.json, "
+                        "else from the model's type)")  # fmt: skip
     parser.add_argument("--max_samples", type=int, default=None, help="first N records only")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=16, help="answer length limit")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from flexproj.errors import FlexprojError
-    from flexproj.evaluate import evaluate
+    from flexproj.recipes.evaluate import evaluate
 
     try:
         evaluate(

@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import flexproj
-    from flexproj.adapters import supported_models
     from flexproj.kernels.registry import BACKENDS, backend_status, resolve_backend
+    from flexproj.registry import supported_models
 
     print(f"flexproj {flexproj.__version__}")
     print(f"python {platform.python_version()} ({platform.platform()})")

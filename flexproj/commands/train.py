@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-FAMILIES = ("llava", "qwen_vl", "internvl")
-
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -23,7 +21,9 @@ def register(subparsers: Any) -> None:
             "[TrainingArguments flags]. Run 'flexproj train FAMILY --help' for every option."
         ),
     )
-    parser.add_argument("family", metavar="FAMILY", help=f"model family: {', '.join(FAMILIES)}")
+    parser.add_argument(
+        "family", metavar="FAMILY", help="model family (llava, qwen_vl, internvl, ...: the recipes)"
+    )
     parser.add_argument("args", nargs=argparse.REMAINDER, help="recipe options (see FAMILY --help)")
     parser.set_defaults(func=run)
 
@@ -31,12 +31,15 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    if args.family not in FAMILIES:
+    from flexproj.recipes.family import recipe_families
+    from flexproj.recipes.trainer import main
+
+    families = recipe_families()
+    if args.family not in families:
         print(
-            f"error: unknown model family {args.family!r}; choose one of {', '.join(FAMILIES)}",
+            f"error: unknown model family {args.family!r}; choose one of {', '.join(families)}",
             file=sys.stderr,
         )
         return 2
-    from flexproj.recipes.trainer import main
 
     return main(args.family, args.args, prog=f"flexproj train {args.family}")

@@ -151,8 +151,8 @@ def evaluate_model(
     """Per-budget ``{"tokens", "loss", "accuracy", "prefill_ms_per_sample", ...}`` of one run."""
     from tqdm.auto import tqdm
 
-    from flexproj.adapters import adapter_for
     from flexproj.recipes.data import Batcher
+    from flexproj.registry import adapter_for
 
     say = log or tqdm.write
     model, processor, recipe, info = run.model, run.processor, run.recipe, run.info

@@ -1,0 +1,313 @@
+"""The contract every model family implements (:class:`FamilyAdapter`), and the pieces
+of it that are the same for every family: budget checks, the placeholder-count guard,
+the record of which budget built which inputs, the stock-projector bookkeeping.
+
+A family module (``flexproj.adapters.<family>``) subclasses :class:`FamilyAdapter` and
+registers an instance with :func:`flexproj.registry.register_adapter`. It provides:
+
+* ``model_types`` / ``model_classes`` / ``processor_classes``: the ``config.model_type``
+  strings it serves and the transformers classes it accepts (``isinstance``, never names);
+* :meth:`projector_slot`: ``(parent, attribute)`` of the module the projector replaces;
+* :meth:`projector_dims`: ``(in_dim, out_dim)`` of a FlexProjector for this model;
+* :meth:`native_tokens`: stock vision tokens per budget unit, ``None`` where it varies
+  per image (Qwen: each image keeps its own grid);
+* :meth:`install`: make the model produce the budget's tokens per unit, recording every
+  change on ``state.model_patcher`` (method overrides through
+  :meth:`~flexproj.patcher.Patcher.override_method`, reading the state from ``self`` with
+  :func:`~flexproj.state.state_of`, so copies stay independent);
+* :meth:`patch_processor`: make the processor emit as many placeholders as the model
+  will produce, through the given :class:`~flexproj.patcher.Patcher`;
+* optionally ``recipe`` (the ``flexproj.recipes`` module training it) and ``tiny``
+  (variants for tests and demos), which the rest of the project reads from the registry.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import dataclasses
+import hashlib
+import inspect
+import threading
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from flexproj._types import Model
+from flexproj.budget import budget_value, current_tokens, tokens
+from flexproj.errors import BudgetError, TokenCountMismatch, UnsupportedModelError
+from flexproj.patcher import Patcher, stock_method
+from flexproj.projector import FlexProjector
+from flexproj.state import STATE_ATTR, PatchState, disabled_state, state_of
+
+__all__ = ["MODALITIES", "FamilyAdapter", "InputsLedger", "check_count", "model_device_dtype"]
+
+#: (modality, features argument of get_placeholder_mask, config attribute of its token id)
+MODALITIES = (
+    ("image", "image_features", "image_token_id"),
+    ("video", "video_features", "video_token_id"),
+)
+
+
+def check_count(state: PatchState, kind: str, placeholders: int, produced: int) -> None:
+    """The one placeholder/feature check: :class:`TokenCountMismatch` when they disagree."""
+    if placeholders == produced:
+        return
+    raise TokenCountMismatch(
+        f"the inputs carry {placeholders} {kind} placeholder tokens but the patched model "
+        f"produces {produced} {kind} features (budget: {state.budget()} vision tokens per "
+        f"{state.adapter.unit}). Build the inputs with a processor patched by "
+        "flexproj.patch(model, processor) under the budget that runs the model: inside the "
+        "same flexproj.tokens(n) block, or with no block around the model call (the model "
+        "then uses the budget the inputs were built with)."
+    )
+
+
+def _count_placeholders(
+    base: Model, input_ids: torch.Tensor | None, embeds: torch.Tensor, token_id: int
+) -> int:
+    if input_ids is not None:
+        return int((input_ids == token_id).sum())
+    # inputs_embeds only: placeholders are the rows equal to the token's embedding (as stock)
+    token = torch.full((), token_id, dtype=torch.long, device=embeds.device)
+    return int((embeds == base.get_input_embeddings()(token)).all(-1).sum())
+
+
+def guarded_placeholder_mask(self: Model, *args: Any, **kwargs: Any) -> Any:
+    """``get_placeholder_mask`` that checks counts first, for images and videos.
+
+    Checked before transformers does, so it holds with ``TRANSFORMERS_DISABLE_TORCH_CHECK=1``
+    too, and with one message for every family. While torch.compile traces, the count is
+    data-dependent and the stock ``torch_compilable_check`` is what remains.
+    """
+    stock = stock_method(self, "get_placeholder_mask")
+    state = state_of(self)
+    if state is not None and state.enabled and not torch.compiler.is_compiling():
+        bound = inspect.signature(stock).bind(*args, **kwargs)
+        input_ids = bound.arguments.get("input_ids")
+        embeds = bound.arguments.get("inputs_embeds")
+        for kind, key, id_name in MODALITIES:
+            features = bound.arguments.get(key)
+            token_id = getattr(self.config, id_name, None)
+            if features is None or embeds is None or token_id is None:
+                continue
+            features = features if isinstance(features, torch.Tensor) else torch.cat(features)
+            placeholders = _count_placeholders(self, input_ids, embeds, token_id)
+            check_count(state, kind, placeholders, features.numel() // embeds.shape[-1])
+    return stock(*args, **kwargs)
+
+
+class InputsLedger:
+    """Which budget built which inputs: ``input_ids`` content -> budget, most recent 4096.
+
+    The patched processor records each batch it builds; the patched model, called with
+    no ``flexproj.tokens`` block in force (a worker thread, a later step of a streaming
+    generator, an executor), runs under the budget its inputs were built with.
+    """
+
+    capacity = 4096
+
+    def __init__(self) -> None:
+        self._budgets: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(input_ids: Any) -> bytes:
+        if isinstance(input_ids, torch.Tensor):
+            array = input_ids.detach().to("cpu", torch.int64).numpy()
+        else:
+            array = np.asarray(input_ids, dtype=np.int64)
+        digest = hashlib.blake2b(array.tobytes(), digest_size=16)
+        digest.update(str(array.shape).encode())
+        return digest.digest()
+
+    def record(self, input_ids: Any, budget: int) -> None:
+        key = self.key(input_ids)
+        with self._lock:
+            self._budgets[key] = budget
+            self._budgets.move_to_end(key)
+            while len(self._budgets) > self.capacity:
+                self._budgets.popitem(last=False)
+
+    def lookup(self, input_ids: Any) -> int | None:
+        key = self.key(input_ids)
+        with self._lock:
+            return self._budgets.get(key)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> InputsLedger:
+        new = InputsLedger()
+        with self._lock:
+            new._budgets = collections.OrderedDict(self._budgets)
+        return new
+
+
+#: keyword arguments that carry images or videos into forward / generate
+_VISION_INPUTS = ("pixel_values", "pixel_values_videos")
+
+
+def run_with_input_budget(self: Model, name: str, args: tuple, kwargs: dict) -> Any:
+    """Call stock ``name`` under the budget the inputs were built with, when no
+    ``flexproj.tokens`` block is in force and the inputs carry images."""
+    stock = stock_method(self, name)
+    state = state_of(self)
+    if state is None or not state.enabled or current_tokens() is not None:
+        return stock(*args, **kwargs)
+    if not any(kwargs.get(key) is not None for key in _VISION_INPUTS):
+        return stock(*args, **kwargs)
+    input_ids = kwargs.get("input_ids")
+    if input_ids is None and args and isinstance(args[0], torch.Tensor):
+        input_ids = args[0]
+    budget = None if input_ids is None else state.model_facts["ledger"].lookup(input_ids)
+    if budget is None:
+        return stock(*args, **kwargs)
+    with tokens(budget):
+        return stock(*args, **kwargs)
+
+
+def _forward_with_input_budget(self: Model, *args: Any, **kwargs: Any) -> Any:
+    return run_with_input_budget(self, "forward", args, kwargs)
+
+
+def _generate_with_input_budget(self: Model, *args: Any, **kwargs: Any) -> Any:
+    return run_with_input_budget(self, "generate", args, kwargs)
+
+
+def _record_built_inputs(self: Any, text: Any, text_inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """Processor hook after tokenisation: note which budget built these ``input_ids``."""
+    result = stock_method(self, "_check_special_mm_tokens")(text, text_inputs, *args, **kwargs)
+    state = state_of(self)
+    if state is not None and state.enabled:
+        state.model_facts["ledger"].record(text_inputs["input_ids"], state.budget())
+    return result
+
+
+def _num_multimodal_tokens(self: Any, image_sizes: Any = None, **kwargs: Any) -> Any:
+    """Patched ``_get_num_multimodal_tokens`` (what serving engines read): the counts the
+    patched processor emits, found by running its own ``replace_image_token`` on a blank
+    image of each size, patched and stock, and shifting the stock count by the difference."""
+    data = stock_method(self, "_get_num_multimodal_tokens")(image_sizes=image_sizes, **kwargs)
+    state = state_of(self)
+    if image_sizes is None or state is None or not state.enabled or not data.num_image_tokens:
+        return data
+    counts = []
+    for stock_count, (height, width) in zip(data.num_image_tokens, image_sizes, strict=True):
+        blank = np.zeros((int(height), int(width), 3), dtype=np.uint8)
+        inputs = dict(self.image_processor(images=[blank], return_tensors="pt"))
+        inputs.setdefault("batch_num_images", [1])
+        patched = self.replace_image_token(inputs, 0).count(self.image_token)
+        with disabled_state(state):
+            stock = self.replace_image_token(inputs, 0).count(self.image_token)
+        counts.append(stock_count + patched - stock)
+    return dataclasses.replace(data, num_image_tokens=counts)
+
+
+def model_device_dtype(model: Model) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of ``model``'s parameters (CPU, float32 without any)."""
+    device, dtype = torch.device("cpu"), torch.float32
+    for p in model.parameters():
+        device = p.device
+        if p.is_floating_point():
+            return device, p.dtype
+    return device, dtype
+
+
+class FamilyAdapter(abc.ABC):
+    """Base class of the per-family adapters (see the module docstring)."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    model_classes: ClassVar[tuple[type, ...]] = ()
+    processor_classes: ClassVar[tuple[type, ...]] = ()
+    #: what one budget unit is ("image", "tile", "image or temporal patch")
+    unit: ClassVar[str] = "image"
+    #: whether a budget above the native count is capped (True) or an error (False)
+    caps_budget: ClassVar[bool] = False
+    #: the flexproj.recipes module that trains this family (``flexproj train <recipe>``)
+    recipe: ClassVar[str | None] = None
+
+    # --- model side -------------------------------------------------------
+    @abc.abstractmethod
+    def projector_slot(self, model: Model) -> tuple[nn.Module, str]:
+        """``(parent, attribute)`` of the module the FlexProjector replaces."""
+
+    @abc.abstractmethod
+    def projector_dims(self, model: Model) -> tuple[int, int]:
+        """``(in_dim, out_dim)`` of a FlexProjector for ``model``."""
+
+    @abc.abstractmethod
+    def native_tokens(self, model: Model) -> int | None:
+        """Stock vision tokens per unit; ``None`` where each image keeps its own count."""
+
+    @abc.abstractmethod
+    def install(self, model: Model, state: PatchState) -> None:
+        """Make ``model`` produce ``state.budget()`` tokens per unit; record changes on
+        ``state.model_patcher``."""
+
+    @abc.abstractmethod
+    def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
+        """Make ``processor`` emit the placeholders the patched model expects."""
+
+    def base(self, model: Model) -> nn.Module:
+        """The inner ``*Model`` that owns the vision tower and ``get_placeholder_mask``."""
+        return model.model if hasattr(model, "model") and hasattr(model, "lm_head") else model
+
+    # --- shared behaviour -------------------------------------------------
+    def accepts(self, model: Model) -> bool:
+        return isinstance(model, self.model_classes)
+
+    def build_projector(
+        self, model: Model, hidden_dim: int | None = None, kernel: str = "auto"
+    ) -> FlexProjector:
+        in_dim, out_dim = self.projector_dims(model)
+        proj = FlexProjector(in_dim, out_dim, hidden_dim=hidden_dim, kernel=kernel)
+        device, dtype = model_device_dtype(model)
+        return proj.to(device=device, dtype=dtype)
+
+    def check_budget(self, budget: object, native: int | None) -> int:
+        """Validate a budget against a native count; returns it. Raises :class:`BudgetError`."""
+        n = budget_value(budget)
+        if native is not None and n > native and not self.caps_budget:
+            raise BudgetError(
+                f"a budget of {n} vision tokens per {self.unit} exceeds this model's native "
+                f"{native}; pooling only removes tokens. Use flexproj.tokens(n) with n <= {native}."
+            )
+        return n
+
+    def check_processor(self, processor: Any) -> None:
+        if not isinstance(processor, self.processor_classes):
+            names = ", ".join(c.__name__ for c in self.processor_classes)
+            raise UnsupportedModelError(
+                f"{type(self).__name__} patches processors of type {names}; got {type(processor).__name__}"
+            )
+
+    def install_common(self, model: Model, state: PatchState) -> None:
+        """What every family's patch does besides its own ``install``: the state on the
+        model and its inner model, the stock projector kept in the tree (frozen), the
+        count guard, and the budget-from-inputs wrappers."""
+        patcher = state.model_patcher
+        base = self.base(model)
+        for obj in {id(model): model, id(base): base}.values():
+            patcher.set(obj, STATE_ATTR, state)
+        state.model_facts.setdefault("ledger", InputsLedger())
+        patcher.override_method(base, "get_placeholder_mask", guarded_placeholder_mask)
+        patcher.override_method(model, "forward", _forward_with_input_budget)
+        if hasattr(model, "generate"):
+            patcher.override_method(model, "generate", _generate_with_input_budget)
+        if hasattr(model, "save_pretrained"):
+            from flexproj.checkpoint import save_patched_model  # (checkpoint imports patching)
+
+            patcher.override_method(model, "save_pretrained", save_patched_model)
+
+    def install_processor_common(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
+        patcher.set(processor, STATE_ATTR, state)
+        patcher.override_method(processor, "_check_special_mm_tokens", _record_built_inputs)
+        if hasattr(processor, "_get_num_multimodal_tokens"):
+            patcher.override_method(processor, "_get_num_multimodal_tokens", _num_multimodal_tokens)
+
+    def freeze_stock(self, stock: nn.Module, patcher: Patcher) -> None:
+        """The stock projector stays in the module tree (it follows ``.to()``) but takes no
+        gradient while the FlexProjector is installed (DDP would flag it unused)."""
+        for param in stock.parameters():
+            if param.requires_grad:
+                patcher.set(param, "requires_grad", False)

@@ -1,0 +1,103 @@
+"""What ``flexproj.patch`` did to one model, and which path runs in this context.
+
+A :class:`PatchState` is stored on the patched model and on the inner ``*Model`` that
+owns the vision tower (attribute :data:`STATE_ATTR`), so method overrides and slot
+modules find it from ``self`` at call time (see :mod:`flexproj.patcher` on copies).
+Code outside core uses the public accessors (``flexproj.get_projector``,
+``flexproj.patch_info``, ``flexproj.disabled``), not this object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from flexproj.budget import current_tokens
+from flexproj.errors import PatchError
+from flexproj.patcher import Patcher
+
+if TYPE_CHECKING:
+    from flexproj.family import FamilyAdapter
+
+STATE_ATTR = "flexproj_state"
+
+#: ids of the states whose stock path is switched on in this context (flexproj.disabled)
+_DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "flexproj_disabled", default=frozenset()
+)
+
+__all__ = ["STATE_ATTR", "PatchState", "disabled_state", "state_of"]
+
+
+@dataclass(eq=False)
+class PatchState:
+    """The adapter, the installed projector, the default budget and the undo logs."""
+
+    adapter: FamilyAdapter
+    #: the module that projects: a FlexProjector, or the stock projector (mode "stock")
+    projector: nn.Module
+    default_budget: int
+    #: stock vision tokens per budget unit, or None where it varies per image (Qwen)
+    native_tokens: int | None
+    #: "flex": FlexProjector, pool first; "stock": stock projector, outputs pooled
+    mode: str = "flex"
+    model_patcher: Patcher = field(default_factory=Patcher)
+    processor_patchers: list[tuple[Any, Patcher]] = field(default_factory=list)
+    schedule: dict[str, Any] | None = None
+    #: facts about the patched model that ``install`` records for ``patch_processor``,
+    #: which does not see the model (e.g. InternVL's ViT patch size)
+    model_facts: dict[str, Any] = field(default_factory=dict)
+
+    def budget(self) -> int:
+        """The budget in force: the innermost ``flexproj.tokens`` block, else the default."""
+        n = current_tokens(self.default_budget)
+        assert n is not None
+        return n
+
+    @property
+    def enabled(self) -> bool:
+        """False inside ``flexproj.disabled(model)`` in this context: run the stock path."""
+        return id(self) not in _DISABLED.get()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PatchState:
+        # The copy shares the (stateless) adapter and starts with no patched processors:
+        # a processor stays patched for the model it was patched with.
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "adapter":
+                setattr(new, f.name, value)
+            elif f.name == "processor_patchers":
+                setattr(new, f.name, [])
+            else:
+                setattr(new, f.name, copy.deepcopy(value, memo))
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise PatchError(
+            "a model or processor patched by flexproj cannot be pickled (its methods are "
+            "instance overrides). Save the projector with flexproj.save_pretrained(model, path) "
+            "and the model with model.save_pretrained(path), or flexproj.unpatch(model) first."
+        )
+
+
+def state_of(obj: Any) -> PatchState | None:
+    """The :class:`PatchState` stored on a patched model, its inner model or a processor."""
+    return getattr(obj, STATE_ATTR, None)
+
+
+@contextlib.contextmanager
+def disabled_state(state: PatchState) -> Iterator[None]:
+    token = _DISABLED.set(_DISABLED.get() | {id(state)})
+    try:
+        yield
+    finally:
+        _DISABLED.reset(token)
