@@ -100,7 +100,7 @@ def guarded_placeholder_mask(self: Model, *args: Any, **kwargs: Any) -> Any:
 
 
 class InputsLedger:
-    """Which budget built which inputs: ``input_ids`` content -> budget, most recent 4096.
+    """Which budget built which inputs: ``input_ids`` content -> budget, the latest 4096.
 
     The patched processor records each batch it builds; the patched model, called with
     no ``flexproj.tokens`` block in force (a worker thread, a later step of a streaming
@@ -136,12 +136,11 @@ class InputsLedger:
         with self._lock:
             return self._budgets.get(key)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> InputsLedger:
-        new = InputsLedger()
-        with self._lock:
-            new._budgets = collections.OrderedDict(self._budgets)
-        return new
 
+
+#: one ledger for the process: a budget is a property of the inputs, whichever patched
+#: processor built them and whichever patched model (a copy, a reloaded one) runs them
+BUILT_INPUTS = InputsLedger()
 
 #: keyword arguments that carry images or videos into forward / generate
 _VISION_INPUTS = ("pixel_values", "pixel_values_videos")
@@ -159,7 +158,7 @@ def run_with_input_budget(self: Model, name: str, args: tuple, kwargs: dict) -> 
     input_ids = kwargs.get("input_ids")
     if input_ids is None and args and isinstance(args[0], torch.Tensor):
         input_ids = args[0]
-    budget = None if input_ids is None else state.model_facts["ledger"].lookup(input_ids)
+    budget = None if input_ids is None else BUILT_INPUTS.lookup(input_ids)
     if budget is None:
         return stock(*args, **kwargs)
     with tokens(budget):
@@ -179,7 +178,7 @@ def _record_built_inputs(self: Any, text: Any, text_inputs: Any, *args: Any, **k
     result = stock_method(self, "_check_special_mm_tokens")(text, text_inputs, *args, **kwargs)
     state = state_of(self)
     if state is not None and state.enabled:
-        state.model_facts["ledger"].record(text_inputs["input_ids"], state.budget())
+        BUILT_INPUTS.record(text_inputs["input_ids"], state.budget())
     return result
 
 
@@ -289,7 +288,6 @@ class FamilyAdapter(abc.ABC):
         base = self.base(model)
         for obj in {id(model): model, id(base): base}.values():
             patcher.set(obj, STATE_ATTR, state)
-        state.model_facts.setdefault("ledger", InputsLedger())
         patcher.override_method(base, "get_placeholder_mask", guarded_placeholder_mask)
         patcher.override_method(model, "forward", _forward_with_input_budget)
         if hasattr(model, "generate"):
