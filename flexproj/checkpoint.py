@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,11 +32,26 @@ FORMAT_VERSION = 1
 POOLING = "adaptive_avg_pool2d"
 
 
+def _create_temp(target: Path) -> str:
+    """A new empty file beside ``target``, created as ``open(..., "w")`` would create it:
+    mode 0o666 less the umask (``tempfile.mkstemp`` makes 0o600, which other accounts
+    cannot read once it is moved into place)."""
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # a name another writer holds; draw again
+            continue
+        os.close(fd)
+        return str(tmp)
+
+
 def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _create_temp(target)
     try:
+        mode = os.stat(tmp).st_mode
         write(tmp)
+        os.chmod(tmp, mode)  # safetensors' writer recreates the file as 0o600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
