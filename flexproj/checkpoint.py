@@ -1,9 +1,12 @@
 """Save and load a patched model's projector (weights and config only).
 
 One ``flexproj.safetensors`` file holds the weights and, in its metadata, the config
-that loading trusts; ``flexproj_config.json`` is the same config for people. Each is
-written to a temporary file beside it and moved into place with ``os.replace``, so a
-save that fails leaves the previous checkpoint whole.
+that loading trusts; ``flexproj_config.json`` is the same config for people, derived
+from it and never read back. Both are written to temporary files beside them (with the
+mode a plain write gets) and moved into place with ``os.replace``, so a save that fails
+while writing leaves the previous checkpoint whole. The old JSON is removed before the
+moves: a save that fails between them leaves the new weights without a JSON (save
+again to restore it), never beside a JSON that describes other weights.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def _create_temp(target: Path) -> str:
         return str(tmp)
 
 
-def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+def _write_temp(target: Path, write: Callable[[str], None]) -> str:
+    """Write a complete, synced temporary file beside ``target``; returns its path."""
     tmp = _create_temp(target)
     try:
         mode = os.stat(tmp).st_mode
@@ -54,11 +58,10 @@ def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
         os.chmod(tmp, mode)  # safetensors' writer recreates the file as 0o600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
 
 
 def _write_text(path: str, text: str) -> None:
@@ -94,11 +97,23 @@ def save_pretrained(
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(
-        directory / WEIGHTS_NAME,
-        lambda tmp: save_file(tensors, tmp, metadata={"flexproj_config": text}),
+    weights, derived = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    weights_tmp = _write_temp(
+        weights, lambda tmp: save_file(tensors, tmp, metadata={"flexproj_config": text})
     )
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: _write_text(tmp, text + "\n"))
+    try:
+        derived_tmp = _write_temp(derived, lambda tmp: _write_text(tmp, text + "\n"))
+        try:
+            # The JSON is derived from the weights' metadata (loading never reads it). It
+            # goes first, so a failure between the two moves leaves the weights without
+            # a JSON, never beside the JSON of another save.
+            derived.unlink(missing_ok=True)
+            os.replace(weights_tmp, weights)
+            os.replace(derived_tmp, derived)
+        finally:
+            Path(derived_tmp).unlink(missing_ok=True)
+    finally:
+        Path(weights_tmp).unlink(missing_ok=True)
     return directory
 
 
