@@ -7,6 +7,11 @@ mode a plain write gets) and moved into place with ``os.replace``, so a save tha
 while writing leaves the previous checkpoint whole. The old JSON is removed before the
 moves: a save that fails between them leaves the new weights without a JSON (save
 again to restore it), never beside a JSON that describes other weights.
+
+Loading type-checks every config field (the error names the one that is wrong), checks
+the metadata's sha256 over the config text and the tensors (:func:`content_hash`), and
+refuses non-finite weights; each problem is a :class:`CheckpointError`. A checkpoint
+without a hash (written before it existed) loads with a warning.
 """
 
 from __future__ import annotations
