@@ -170,6 +170,18 @@ def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs
     return self.image_token * adapter.image_token_count(self, state, image_inputs, image_idx)
 
 
+def _anyres_max_shape(height: int, width: int, max_patches: int, side: int) -> tuple[int, int]:
+    """OneVision's ``anyres_max_N`` downsampling of an unpadded ``height x width`` grid of
+    crops of ``side x side`` tokens: upstream's formula, except that no side drops below 1
+    (at budgets of 1-3 tokens a tall or wide image reaches ``int(w // ratio) == 0``, which
+    upstream's interpolate rejects). The model (:func:`_pack_anyres`) and the processor's
+    count (:meth:`LlavaOnevisionAdapter.unpadded_count`) both use it, so they agree."""
+    ratio = math.sqrt(height * width / (max_patches * side**2))
+    if ratio <= 1.1:
+        return height, width
+    return max(1, int(height // ratio)), max(1, int(width // ratio))
+
+
 def _pack_anyres(
     base: Model,
     image_features: list[torch.Tensor],
@@ -201,10 +213,8 @@ def _pack_anyres(
             grid = crops.view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3)
             grid = unpad_image(grid.flatten(1, 2).flatten(2, 3), image_sizes[image_idx])
             if max_num_patches is not None:
-                _, cur_h, cur_w = grid.shape
-                ratio = math.sqrt(cur_h * cur_w / (max_num_patches * side**2))
-                if ratio > 1.1:
-                    size = [int(cur_h // ratio), int(cur_w // ratio)]
+                size = _anyres_max_shape(grid.shape[1], grid.shape[2], max_num_patches, side)
+                if size != tuple(grid.shape[1:]):
                     grid = nn.functional.interpolate(grid[None], size, mode="bilinear")[0]
             if image_newline is not None:
                 newline = image_newline[:, None, None].expand(*grid.shape[:-1], 1)
@@ -260,15 +270,19 @@ class LlavaNextAdapter(LlavaAdapter):
 
     packer: ClassVar[Callable[..., Any] | None] = staticmethod(_pack_next_impl)
 
-    def unpadded_count(
-        self, processor: Any, side: tuple[int, int], orig: Any, crop_hw: Any
-    ) -> tuple[int, int]:
+    def crop_layout(self, processor: Any, orig: Any, crop_hw: Any) -> tuple[int, int]:
+        """``(rows, cols)`` of crops the processor tiles an image of size ``orig`` into."""
         best_h, best_w = select_best_resolution(
             tuple(orig), processor.image_processor.image_grid_pinpoints
         )
-        return processor._get_unpadded_features(
-            orig[0], orig[1], side[0], side[1], best_h // crop_hw[0], best_w // crop_hw[1]
-        )
+        return best_h // crop_hw[0], best_w // crop_hw[1]
+
+    def unpadded_count(
+        self, processor: Any, side: tuple[int, int], orig: Any, crop_hw: Any
+    ) -> tuple[int, int]:
+        """``(unpadded tokens, newline tokens)`` of the stitched crops."""
+        rows, cols = self.crop_layout(processor, orig, crop_hw)
+        return processor._get_unpadded_features(orig[0], orig[1], side[0], side[1], rows, cols)
 
     def image_token_count(
         self, processor: Any, state: PatchState, image_inputs: dict, image_idx: int
@@ -299,6 +313,19 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     processor_classes: ClassVar[tuple[type, ...]] = (LlavaOnevisionProcessor,)
 
     packer: ClassVar[Callable[..., Any] | None] = staticmethod(_pack_onevision_impl)
+
+    def unpadded_count(
+        self, processor: Any, side: tuple[int, int], orig: Any, crop_hw: Any
+    ) -> tuple[int, int]:
+        """As the model packs them: upstream's unpadding (run on an empty grid, so the
+        arithmetic is the model's own), then :func:`_anyres_max_shape`. The processor's
+        own ``_get_unpadded_features`` would count 0 columns where the model keeps 1."""
+        rows, cols = self.crop_layout(processor, orig, crop_hw)
+        empty = torch.empty((0, rows * side[0], cols * side[1]))
+        height, width = unpad_image(empty, [int(orig[0]), int(orig[1])]).shape[1:]
+        max_patches = int(processor.vision_aspect_ratio.removeprefix("anyres_max_"))
+        height, width = _anyres_max_shape(height, width, max_patches, side[0])
+        return height * width, height
 
     def native_crop_grid(self, processor: Any, crop_hw: tuple[int, int]) -> tuple[int, int]:
         side = math.isqrt(int(processor.num_image_tokens))  # the processor has no patch_size

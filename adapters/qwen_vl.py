@@ -379,7 +379,10 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL: window attention in the tower (restored by the stock code before pooling)."""
 
     model_types = ("qwen2_5_vl",)
-    model_classes: ClassVar[tuple[type, ...]] = (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel)
+    model_classes: ClassVar[tuple[type, ...]] = (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLModel,
+    )
     processor_classes: ClassVar[tuple[type, ...]] = (Qwen2_5_VLProcessor,)
     base_class: ClassVar[type] = Qwen2_5_VLModel
 

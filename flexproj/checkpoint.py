@@ -1,17 +1,28 @@
 """Save and load a patched model's projector (weights and config only).
 
 One ``flexproj.safetensors`` file holds the weights and, in its metadata, the config
-that loading trusts; ``flexproj_config.json`` is the same config for people. Each is
-written to a temporary file beside it and moved into place with ``os.replace``, so a
-save that fails leaves the previous checkpoint whole.
+that loading trusts; ``flexproj_config.json`` is the same config for people, derived
+from it and never read back. Both are written to temporary files beside them (with the
+mode a plain write gets) and moved into place with ``os.replace``, so a save that fails
+while writing leaves the previous checkpoint whole. The old JSON is removed before the
+moves: a save that fails between them leaves the new weights without a JSON (save
+again to restore it), never beside a JSON that describes other weights.
+
+Loading type-checks every config field (the error names the one that is wrong), checks
+the metadata's sha256 over the config text and the tensors (:func:`content_hash`), and
+refuses non-finite weights; each problem is a :class:`CheckpointError`. A checkpoint
+without a hash (written before it existed) loads with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
-import tempfile
-from collections.abc import Callable
+import secrets
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,26 +38,44 @@ from flexproj.family import model_device_dtype
 from flexproj.patching import patch, patch_processor
 from flexproj.projector import FlexProjector
 from flexproj.registry import adapter_for
+from flexproj.schedule import TokenSchedule
 from flexproj.state import PatchState, state_of
 
 WEIGHTS_NAME = "flexproj.safetensors"
 CONFIG_NAME = "flexproj_config.json"
 FORMAT_VERSION = 1
 POOLING = "adaptive_avg_pool2d"
+CONFIG_KEY = "flexproj_config"  # safetensors metadata: the config as JSON text
+HASH_KEY = "flexproj_sha256"  # safetensors metadata: content_hash(config text, tensors)
 
 
-def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+def _create_temp(target: Path) -> str:
+    """A new empty file beside ``target``, created as ``open(..., "w")`` would create it:
+    mode 0o666 less the umask (``tempfile.mkstemp`` makes 0o600, which other accounts
+    cannot read once it is moved into place)."""
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # a name another writer holds; draw again
+            continue
+        os.close(fd)
+        return str(tmp)
+
+
+def _write_temp(target: Path, write: Callable[[str], None]) -> str:
+    """Write a complete, synced temporary file beside ``target``; returns its path."""
+    tmp = _create_temp(target)
     try:
+        mode = os.stat(tmp).st_mode
         write(tmp)
+        os.chmod(tmp, mode)  # safetensors' writer recreates the file as 0o600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
 
 
 def _write_text(path: str, text: str) -> None:
@@ -107,12 +136,156 @@ def save_pretrained(
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(
-        directory / WEIGHTS_NAME,
-        lambda tmp: save_file(tensors, tmp, metadata={"flexproj_config": text}),
+    weights, derived = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    weights_tmp = _write_temp(
+        weights,
+        lambda tmp: save_file(
+            tensors, tmp, metadata={CONFIG_KEY: text, HASH_KEY: content_hash(text, tensors)}
+        ),
     )
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: _write_text(tmp, text + "\n"))
+    try:
+        derived_tmp = _write_temp(derived, lambda tmp: _write_text(tmp, text + "\n"))
+        try:
+            # The JSON is derived from the weights' metadata (loading never reads it). It
+            # goes first, so a failure between the two moves leaves the weights without
+            # a JSON, never beside the JSON of another save.
+            derived.unlink(missing_ok=True)
+            os.replace(weights_tmp, weights)
+            os.replace(derived_tmp, derived)
+        finally:
+            Path(derived_tmp).unlink(missing_ok=True)
+    finally:
+        Path(weights_tmp).unlink(missing_ok=True)
     return directory
+
+
+def content_hash(config_text: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the config text, then each tensor (by name) as name, dtype, shape, bytes."""
+    digest = hashlib.sha256()
+
+    def field(data: bytes) -> None:  # length-prefixed, so no two inputs share a stream
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+
+    field(config_text.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        field(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        field(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_float(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_positive_int(v) for v in value)
+
+
+def _weight_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        for v in value
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Every field of a stored config: (check, what it must be). The projector's fields are
+# FlexProjector's constructor arguments, the schedule's TokenSchedule's.
+_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "flexproj_version": (_is_str, "a string"),
+    "model_type": (_is_str, "a string"),
+    "adapter": (_is_str, "a string"),
+    "pooling": (lambda v: v == POOLING, f"{POOLING!r}"),
+    "default_tokens": (_positive_int, "a positive int"),
+    # null where each image keeps its own count (Qwen)
+    "native_tokens": (lambda v: v is None or _positive_int(v), "a positive int or null"),
+}
+_PROJECTOR_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "in_dim": (_positive_int, "a positive int"),
+    "out_dim": (_positive_int, "a positive int"),
+    "hidden_dim": (_positive_int, "a positive int"),
+    "bias": (_is_bool, "true or false"),
+    "eps": (_positive_float, "a positive finite number"),
+}
+_SCHEDULE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tokens": (_int_list, "a list of positive ints"),
+    "weights": (_weight_list, "a list of non-negative numbers"),
+    "seed": (_is_int, "an int"),
+    "per_sample": (_is_bool, "true or false"),
+}
+
+
+def _check_fields(
+    file: Path,
+    section: Any,
+    fields: Mapping[str, tuple[Callable[[Any], bool], str]],
+    prefix: str,
+    *,
+    exact: bool,
+) -> None:
+    if not isinstance(section, dict):
+        raise CheckpointError(
+            f"{file}: config field {prefix.rstrip('.') or '(top level)'} must be a JSON "
+            f"object, got {section!r:.80}"
+        )
+    for name, (check, expected) in fields.items():
+        if name not in section:
+            raise CheckpointError(f"{file}: config field {prefix}{name} is missing")
+        if not check(section[name]):
+            raise CheckpointError(
+                f"{file}: config field {prefix}{name} must be {expected}, got {section[name]!r:.80}"
+            )
+    unknown = sorted(set(section) - set(fields)) if exact else []
+    if unknown:
+        raise CheckpointError(f"{file}: config field {prefix.rstrip('.')} has unknown {unknown}")
+
+
+def _parse_config(file: Path, text: str) -> dict[str, Any]:
+    """The stored config, every field type-checked; :class:`CheckpointError` names the
+    first field that is wrong."""
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(f"{file}: its flexproj config is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: its flexproj config is not a JSON object")
+    fmt = config.get("format")
+    if not _is_int(fmt) or fmt != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file} has format {fmt!r:.80}; this flexproj reads {FORMAT_VERSION}"
+        )
+    _check_fields(file, config, _FIELDS, "", exact=False)
+    _check_fields(file, config.get("projector"), _PROJECTOR_FIELDS, "projector.", exact=True)
+    schedule = config.get("token_schedule")
+    if schedule is not None:
+        _check_fields(file, schedule, _SCHEDULE_FIELDS, "token_schedule.", exact=True)
+        try:
+            TokenSchedule(**schedule)
+        except ValueError as exc:
+            raise CheckpointError(f"{file}: config field token_schedule: {exc}") from None
+    return config
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -131,15 +304,33 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         raise CheckpointError(
             f"{file} is damaged or not a safetensors file ({exc}); save the projector again"
         ) from None
-    if "flexproj_config" not in metadata:
+    if CONFIG_KEY not in metadata:
         raise CheckpointError(
             f"{file} has no flexproj config in its metadata; was it written by flexproj?"
         )
-    config = json.loads(metadata["flexproj_config"])
-    if config.get("format") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{file} has format {config.get('format')!r}; this flexproj reads {FORMAT_VERSION}"
+    text = metadata[CONFIG_KEY]
+    config = _parse_config(file, text)
+    stored_hash = metadata.get(HASH_KEY)
+    if stored_hash is None:
+        warnings.warn(
+            f"{file} has no content hash (it predates flexproj's checkpoint hashing), so "
+            "changes to it cannot be detected; save it again to add one",
+            UserWarning,
+            stacklevel=3,
         )
+    elif stored_hash != content_hash(text, tensors):
+        raise CheckpointError(
+            f"{file} does not match the content hash stored in it: its weights or config "
+            "were changed or damaged after saving; save the projector again"
+        )
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{file}: tensor {name!r} has dtype {tensor.dtype}, not float")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{file}: tensor {name!r} holds NaN or infinite values; the projector it was "
+                "saved from had diverged"
+            )
     return config, tensors
 
 

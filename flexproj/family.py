@@ -102,9 +102,11 @@ def guarded_placeholder_mask(self: Model, *args: Any, **kwargs: Any) -> Any:
 class InputsLedger:
     """Which budget built which inputs: ``input_ids`` content -> budget, the latest 4096.
 
-    The patched processor records each batch it builds; the patched model, called with
-    no ``flexproj.tokens`` block in force (a worker thread, a later step of a streaming
-    generator, an executor), runs under the budget its inputs were built with.
+    The processors patched for a model record each batch they build; the model, called
+    with no ``flexproj.tokens`` block in force (a worker thread, a later step of a
+    streaming generator, an executor), runs under the budget its inputs were built with.
+    One ledger per patched model, so what one model does never depends on another's
+    history; a deep copy starts with a copy of it.
     """
 
     capacity = 4096
@@ -136,11 +138,11 @@ class InputsLedger:
         with self._lock:
             return self._budgets.get(key)
 
-
-
-#: one ledger for the process: a budget is a property of the inputs, whichever patched
-#: processor built them and whichever patched model (a copy, a reloaded one) runs them
-BUILT_INPUTS = InputsLedger()
+    def __deepcopy__(self, memo: dict[int, Any]) -> InputsLedger:
+        new = InputsLedger()
+        with self._lock:
+            new._budgets = collections.OrderedDict(self._budgets)
+        return new
 
 #: keyword arguments that carry images or videos into forward / generate
 _VISION_INPUTS = ("pixel_values", "pixel_values_videos")
@@ -158,7 +160,7 @@ def run_with_input_budget(self: Model, name: str, args: tuple, kwargs: dict) -> 
     input_ids = kwargs.get("input_ids")
     if input_ids is None and args and isinstance(args[0], torch.Tensor):
         input_ids = args[0]
-    budget = None if input_ids is None else BUILT_INPUTS.lookup(input_ids)
+    budget = None if input_ids is None else state.built_inputs.lookup(input_ids)
     if budget is None:
         return stock(*args, **kwargs)
     with tokens(budget):
@@ -178,7 +180,7 @@ def _record_built_inputs(self: Any, text: Any, text_inputs: Any, *args: Any, **k
     result = stock_method(self, "_check_special_mm_tokens")(text, text_inputs, *args, **kwargs)
     state = state_of(self)
     if state is not None and state.enabled:
-        BUILT_INPUTS.record(text_inputs["input_ids"], state.budget())
+        state.built_inputs.record(text_inputs["input_ids"], state.budget())
     return result
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from flexproj._types import Model
 from flexproj.errors import PatchError
-from flexproj.family import model_device_dtype
+from flexproj.family import InputsLedger, model_device_dtype
 from flexproj.patcher import Patcher
 from flexproj.registry import adapter_for
 from flexproj.state import PatchState, disabled_state, state_of
@@ -154,7 +154,11 @@ def patch(
     else:
         _check_projector(model, projector, adapter.projector_dims(model))
     state = PatchState(
-        adapter=adapter, projector=projector, default_budget=default, native_tokens=native
+        adapter=adapter,
+        projector=projector,
+        default_budget=default,
+        native_tokens=native,
+        built_inputs=InputsLedger(),
     )
     try:
         adapter.install_common(model, state)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flexproj.kernels.registry import check_backend_name, swiglu
+from flexproj.kernels.registry import check_backend_name, silu_mul, swiglu
 from flexproj.pooling import Grid, check_token_count, pool_grid, pool_packed, target_grid
 
 TokenSpec = int | tuple[int, int]
@@ -30,6 +30,11 @@ class SwiGLU(nn.Module):
 
     ``w12`` holds the gate rows then the up rows (``(2*hidden, in)``), ``w3`` is
     ``(out, hidden)``; ``kernel`` picks the backend (see :mod:`flexproj.kernels`).
+
+    While both layers are plain ``nn.Linear`` the backend gets their weights (the packed
+    fast path). Once a wrapper replaces one (peft LoRA on ``w12``/``w3``, a quantised
+    linear), the layers are called as modules, so the wrapper applies, and the backend
+    runs only the elementwise middle.
     """
 
     def __init__(
@@ -42,7 +47,10 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden_dim, out_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.w12.weight, self.w12.bias, self.w3.weight, self.w3.bias, self.kernel)
+        if type(self.w12) is nn.Linear and type(self.w3) is nn.Linear:
+            w12, w3 = self.w12, self.w3
+            return swiglu(x, w12.weight, w12.bias, w3.weight, w3.bias, self.kernel)
+        return self.w3(silu_mul(self.w12(x), self.kernel))
 
 
 def _positive_int(value: Any, name: str) -> int:

@@ -51,6 +51,8 @@ class PatchState:
     model_patcher: Patcher = field(default_factory=Patcher)
     processor_patchers: list[tuple[Any, Patcher]] = field(default_factory=list)
     schedule: dict[str, Any] | None = None
+    #: which budget built which inputs (``flexproj.family.InputsLedger``)
+    built_inputs: Any = None
     #: facts about the patched model that ``install`` records for ``patch_processor``,
     #: which does not see the model (e.g. InternVL's ViT patch size)
     model_facts: dict[str, Any] = field(default_factory=dict)

@@ -17,6 +17,10 @@ triton     our fused ``silu(a) * b`` forward and backward kernel (fp32 math insi
 measured winners (``flexproj bench kernels`` re-measures it), falls back quietly to
 the next available backend, and costs nothing at start-up. A backend named
 explicitly raises :class:`BackendUnavailable` naming what is missing.
+
+:func:`silu_mul` is the same choice for the elementwise middle alone; the projector uses
+it when a wrapper (a peft LoRA layer, say) replaced one of its linear layers, so the
+wrapper's forward runs and only the middle goes through the backend.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from flexproj.kernels.registry import (
     available_backends,
     backend_status,
     resolve_backend,
+    silu_mul,
     swiglu,
 )
 
@@ -38,5 +43,6 @@ __all__ = [
     "available_backends",
     "backend_status",
     "resolve_backend",
+    "silu_mul",
     "swiglu",
 ]

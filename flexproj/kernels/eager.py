@@ -14,5 +14,10 @@ def swiglu_eager(
     b3: torch.Tensor | None,
 ) -> torch.Tensor:
     """``x (..., C) -> (..., out)``; ``w12 (2*hidden, C)`` holds gate rows then up rows."""
-    a, b = F.linear(x, w12, b12).chunk(2, dim=-1)  # (..., hidden) each
-    return F.linear(F.silu(a) * b, w3, b3)
+    return F.linear(silu_mul_eager(F.linear(x, w12, b12)), w3, b3)
+
+
+def silu_mul_eager(h: torch.Tensor) -> torch.Tensor:
+    """The elementwise middle: ``h (..., 2*hidden)`` (gate then up) ``-> (..., hidden)``."""
+    a, b = h.chunk(2, dim=-1)  # (..., hidden) each
+    return F.silu(a) * b

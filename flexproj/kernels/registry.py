@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from flexproj.kernels.eager import swiglu_eager
+from flexproj.kernels.eager import silu_mul_eager, swiglu_eager
 
 SwigluFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None],
     torch.Tensor,
 ]
+GateFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class BackendUnavailable(RuntimeError):
@@ -59,10 +60,15 @@ def _triton_device_problem(device: torch.device) -> str | None:
 
 @dataclass(frozen=True)
 class Backend:
+    """``load`` gives the whole SwiGLU on packed weights; ``load_gate`` only its
+    elementwise middle ``silu(a) * b``, for when the linear layers must run as modules
+    (a wrapper such as a peft LoRA layer replaced them)."""
+
     name: str
     load: Callable[[], SwigluFn]
     missing: Callable[[], str | None]
     device_problem: Callable[[torch.device], str | None] = lambda device: None
+    load_gate: Callable[[], GateFn] = lambda: silu_mul_eager
 
 
 def _load_xformers() -> SwigluFn:
@@ -76,18 +82,33 @@ def _load_compiled() -> SwigluFn:
     return torch.compile(swiglu_eager, dynamic=True)
 
 
+@functools.cache
+def _load_compiled_gate() -> GateFn:
+    return torch.compile(silu_mul_eager, dynamic=True)
+
+
 def _load_triton() -> SwigluFn:
     from flexproj.kernels.triton_swiglu import swiglu_triton
 
     return swiglu_triton
 
 
+def _load_triton_gate() -> GateFn:
+    from flexproj.kernels.triton_swiglu import silu_mul
+
+    return silu_mul
+
+
 BACKENDS: dict[str, Backend] = {
     "eager": Backend("eager", lambda: swiglu_eager, lambda: None),
     "xformers": Backend("xformers", _load_xformers, _missing_xformers),
-    "compile": Backend("compile", _load_compiled, _missing_compile),
-    "triton": Backend("triton", _load_triton, _missing_triton, _triton_device_problem),
+    "compile": Backend("compile", _load_compiled, _missing_compile, load_gate=_load_compiled_gate),
+    "triton": Backend(
+        "triton", _load_triton, _missing_triton, _triton_device_problem, _load_triton_gate
+    ),
 }
+# xformers has no op for the middle alone (and its swiglu runs PyTorch ops since 0.0.34):
+# its gate is the eager one.
 
 # Preference order of ``auto`` per device type, best first; the first available wins.
 # CPU: eager measured fastest (xformers runs the same PyTorch ops behind a dispatch;
@@ -175,3 +196,10 @@ def swiglu(
     """SwiGLU on packed weights with the chosen backend (see :mod:`flexproj.kernels`)."""
     name = _resolve_traced(kernel, x.device.type, x.dtype)
     return BACKENDS[name].load()(x, w12, b12, w3, b3)
+
+
+def silu_mul(h: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    """``silu(h[..., :hidden]) * h[..., hidden:]`` with the chosen backend: the SwiGLU's
+    middle, for callers that run the two linear layers themselves."""
+    name = _resolve_traced(kernel, h.device.type, h.dtype)
+    return BACKENDS[name].load_gate()(h)
