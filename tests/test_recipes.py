@@ -61,6 +61,14 @@ def budgets(out, rank=0):
     ]
 
 
+def exact_match_rate(examples):
+    """Accuracy recomputed from the report's examples (all of them when at most 5)."""
+    from flexproj.recipes.evaluate import normalize_answer
+
+    hits = [normalize_answer(e["generated"]) == normalize_answer(e["answer"]) for e in examples]
+    return sum(hits) / len(hits)
+
+
 def require_adapter(family):
     model_type = ADAPTER_TYPES[family]
     if model_type not in flexproj.supported_models():
@@ -85,7 +93,10 @@ def test_align_then_finetune_full_and_lora_then_evaluate(family, data, tmp_path)
                               "--distill_steps", "3", "--distill_batch_size", "2"))  # fmt: skip
     assert summary["outputs"] == {"projector": "."} and summary["global_step"] == 2
     distill = json.loads((align / "distill.json").read_text())
-    assert len(distill["history"]) == 3 and -1 <= distill["cosine_after"] <= 1
+    assert len(distill["history"]) == 3
+    # distillation moved the projector towards the stock one on the fixed probe batch
+    assert distill["cosine_after"] > distill["cosine_before"]
+    assert distill["mse_after"] < distill["mse_before"]
     if family == "internvl":  # matched grid: the stock count per tile, not the 8x8 native grid
         assert distill["tokens"] == 16
     steps = logged(align)
@@ -145,7 +156,8 @@ def test_align_then_finetune_full_and_lora_then_evaluate(family, data, tmp_path)
                       batch_size=2, max_new_tokens=3, prefill_repeats=1, progress=False, log=lambda _m: None)  # fmt: skip
     for entry in report["runs"]:
         assert [r["tokens"] for r in entry["results"]] == [4, 16]
-        assert all(r["loss"] > 0 and 0 <= r["accuracy"] <= 1 for r in entry["results"])
+        for r in entry["results"]:
+            assert r["loss"] > 0 and r["accuracy"] == exact_match_rate(r["examples"])
         few, many = entry["results"]
         assert few["vision_tokens_per_sample"] < many["vision_tokens_per_sample"]
 
