@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
+import statistics
 
 import pytest
 from PIL import Image
@@ -25,14 +25,24 @@ def test_every_schedule_has_a_finite_accuracy_at_every_budget(quick_run):
     assert max(budgets) == results["native_tokens"]  # the native grid is evaluated too
     assert any(n not in train for n in budgets)  # and budgets no model trained on
     runs = results["runs"]
+    per_kind = results["config"]["eval_per_kind"]
     assert list(runs) == [f"fixed-{n}" for n in train] + ["flex 2:3:5"]
     for rec in runs.values():
         assert set(rec["accuracy"]) == {str(n) for n in budgets}
         for n in budgets:
             for kind in ["all", *results["kinds"]]:
                 stat = rec["accuracy"][str(n)][kind]
-                assert math.isfinite(stat["mean"]) and 0.0 <= stat["mean"] <= 1.0
+                per_seed = [s["accuracy"][str(n)][kind] for s in rec["seeds"]]
+                assert stat["mean"] == pytest.approx(statistics.fmean(per_seed))
                 assert stat["std"] >= 0.0
+                # each seed's accuracy counts whole answers of the held-out set
+                size = per_kind * (len(results["kinds"]) if kind == "all" else 1)
+                assert all(a * size == pytest.approx(round(a * size)) for a in per_seed)
+            for s in rec["seeds"]:  # equal counts per kind: "all" is the mean of the kinds
+                acc = s["accuracy"][str(n)]
+                assert acc["all"] == pytest.approx(
+                    statistics.fmean(acc[k] for k in results["kinds"])
+                )
         assert len(rec["seeds"]) == results["config"]["seeds"]
         assert rec["vision_tokens"] > 0 and rec["wall_s"]["mean"] > 0
 

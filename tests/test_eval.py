@@ -49,7 +49,12 @@ def test_eval_command_writes_json_markdown_and_plot(runs, tmp_path, capsys):
         # one image per sample: the LLM sees exactly the pooled grid (2x2, 3x3, 4x4)
         assert [r["vision_tokens_per_sample"] for r in results] == [4, 9, 16]
         for r in results:
-            assert r["loss"] > 0 and 0 <= r["accuracy"] <= 1 and r["prefill_ms_per_sample"] > 0
+            hits = [
+                normalize_answer(e["generated"]) == normalize_answer(e["answer"])
+                for e in r["examples"]
+            ]
+            assert len(hits) == 4 and r["accuracy"] == sum(hits) / 4  # every sample listed
+            assert r["loss"] > 0 and r["prefill_ms_per_sample"] > 0
             assert (
                 r["samples"] == 4
                 and r["examples"]

@@ -1,6 +1,7 @@
 """Token schedule: frequencies match the weights; every rank draws the same budget."""
 
 import math
+import random
 
 import pytest
 
@@ -34,6 +35,30 @@ def test_every_rank_draws_the_same_budget():
     seq = [ranks[0].budget_at(i) for i in range(50)]
     assert len(set(seq)) == 3
     assert seq != [TokenSchedule(seed=8).budget_at(i) for i in range(50)]
+
+
+def test_draw_is_a_function_of_seed_and_step_alone():
+    """budget_at(step) does not depend on what was asked before, nor in which order: a
+    run resumed at step k, or a rank that skipped ahead, draws what a fresh run draws."""
+    steps = range(300)
+    forward = [TokenSchedule(seed=11).budget_at(s) for s in steps]
+    s = TokenSchedule(seed=11)
+    backward = [s.budget_at(step) for step in reversed(steps)][::-1]
+    assert backward == forward
+    shuffled = list(steps)
+    random.Random(0).shuffle(shuffled)
+    s = TokenSchedule(seed=11)
+    assert {step: s.budget_at(step) for step in shuffled} == dict(zip(steps, forward))
+    # one step asked again and again, with other steps drawn in between, never changes
+    s = TokenSchedule(seed=11)
+    for other in range(200):
+        assert s.budget_at(137) == forward[137]
+        s.budget_at(other)
+    # a schedule resumed at step 250 continues the sequence
+    assert [TokenSchedule(seed=11).budget_at(k) for k in range(250, 300)] == forward[250:]
+    # and the step matters: the sequence is not one value repeated, per seed
+    for seed in range(5):
+        assert len({TokenSchedule(seed=seed).budget_at(k) for k in range(1000)}) == 3
 
 
 def test_fixed_schedule_and_per_sample():
