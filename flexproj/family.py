@@ -144,6 +144,7 @@ class InputsLedger:
             new._budgets = collections.OrderedDict(self._budgets)
         return new
 
+
 #: keyword arguments that carry images or videos into forward / generate
 _VISION_INPUTS = ("pixel_values", "pixel_values_videos")
 
