@@ -59,6 +59,7 @@ tile (tile size from the processed ``pixel_values``, patch size recorded at inst
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
@@ -70,7 +71,7 @@ from flexproj._types import Model
 from flexproj.errors import PatchError, UnsupportedModelError
 from flexproj.family import FamilyAdapter
 from flexproj.patcher import Patcher, stock_method
-from flexproj.pooling import Grid, target_grid
+from flexproj.pooling import Grid, pool_grid, target_grid
 from flexproj.registry import register_adapter
 from flexproj.state import STATE_ATTR, PatchState, state_of
 
@@ -85,14 +86,14 @@ class TileGridProjector(nn.Module):
     pixel-shuffled features) or inside ``flexproj.disabled``, the slot runs it.
     """
 
-    def __init__(self, projector: nn.Module, stock: nn.Module) -> None:
+    def __init__(self, projector: nn.Module | None, stock: nn.Module) -> None:
         super().__init__()
-        self.projector = projector
+        self.projector = projector  # None with projector="stock"
         self.stock = stock
 
     def forward(self, features: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
         state = state_of(self)
-        if grid is None or state is None or not state.enabled:
+        if grid is None or state is None or not state.enabled or self.projector is None:
             return self.stock(features)
         H, W = grid
         L = features.shape[1]
@@ -111,6 +112,14 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     return int(value[0]), int(value[1])
+
+
+def _unit_grid(patch_grid: Grid, mode: str, downsample_ratio: float) -> Grid:
+    """The grid a budget pools per tile: the ViT patch grid (FlexProjector), or the stock
+    projector's output grid after pixel shuffle (``projector="stock"``: 16x16 at 448 px)."""
+    if mode == "flex":
+        return patch_grid
+    return int(patch_grid[0] * downsample_ratio), int(patch_grid[1] * downsample_ratio)
 
 
 def _native_grid(config: Any) -> Grid:
@@ -189,17 +198,19 @@ class InternVLAdapter(FamilyAdapter):
         # the pixel shuffle is bypassed: the projector sees the ViT width C, not 4C
         return int(config.vision_config.hidden_size), int(config.text_config.hidden_size)
 
-    def native_tokens(self, model: Model) -> int:
-        rows, cols = _native_grid(model.config.vision_config)
+    def native_tokens(self, model: Model, mode: str = "flex") -> int:
+        ratio = float(model.config.downsample_ratio)
+        rows, cols = _unit_grid(_native_grid(model.config.vision_config), mode, ratio)
         return rows * cols
 
     def install(self, model: Model, state: PatchState) -> None:
         self.projector_dims(model)  # validates vision_feature_layer
         base = self.base(model)
         state.model_facts["patch_size"] = _pair(model.config.vision_config.patch_size)
+        state.model_facts["downsample_ratio"] = float(model.config.downsample_ratio)
         stock = base.multi_modal_projector
-        self.freeze_stock(stock, state.model_patcher)
-        slot = TileGridProjector(state.projector, stock)
+        self.freeze_stock(stock, state)
+        slot = TileGridProjector(state.projector if state.mode == "flex" else None, stock)
         setattr(slot, STATE_ATTR, state)
         state.model_patcher.set(base, "multi_modal_projector", slot)
         state.model_patcher.override_method(base, "get_image_features", _get_image_features)
@@ -208,7 +219,8 @@ class InternVLAdapter(FamilyAdapter):
     def tile_tokens(self, state: PatchState, tile_hw: Sequence[int]) -> int:
         """Context tokens per tile of ``tile_hw`` pixels under the budget in force."""
         ph, pw = state.model_facts["patch_size"]
-        grid = (int(tile_hw[0]) // ph, int(tile_hw[1]) // pw)
+        patches = (int(tile_hw[0]) // ph, int(tile_hw[1]) // pw)
+        grid = _unit_grid(patches, state.mode, state.model_facts["downsample_ratio"])
         h, w = target_grid(self.check_budget(state.budget(), grid[0] * grid[1]), grid)
         return h * w
 
@@ -227,7 +239,22 @@ def _get_image_features(self: Model, *args: Any, **kwargs: Any) -> Any:
     state = state_of(self)
     if state is None or not state.enabled:
         return stock_method(self, "get_image_features")(*args, **kwargs)
+    if state.mode == "stock":
+        return _pooled_stock_image_features(self, state, args, kwargs)
     return _flex_get_image_features(self, *args, **kwargs)
+
+
+def _pooled_stock_image_features(self: Model, state: PatchState, args: tuple, kwargs: dict) -> Any:
+    """projector="stock": upstream's features (pixel shuffle + stock MLP), each tile's
+    output grid average-pooled to the budget."""
+    return_dict = kwargs.pop("return_dict", None)
+    return_dict = self.config.return_dict if return_dict is None else return_dict
+    output = stock_method(self, "get_image_features")(*args, return_dict=True, **kwargs)
+    features = output.pooler_output  # (tiles, S*S, D), S = the shuffled grid side
+    side = math.isqrt(features.shape[1])
+    budget = state.adapter.check_budget(state.budget(), side * side)
+    output.pooler_output = pool_grid(features, (side, side), target_grid(budget, (side, side)))
+    return output if return_dict else output.to_tuple()
 
 
 def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:

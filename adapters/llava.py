@@ -45,7 +45,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 from flexproj._types import Model
 from flexproj.family import FamilyAdapter
 from flexproj.patcher import Patcher, stock_method
-from flexproj.pooling import target_grid
+from flexproj.pooling import pool_grid, target_grid
 from flexproj.registry import register_adapter
 from flexproj.state import STATE_ATTR, PatchState, state_of
 
@@ -58,9 +58,11 @@ class GridSlotProjector(nn.Module):
     projector stays inside as ``stock`` (it follows ``.to()``; ``flexproj.disabled`` runs it).
     """
 
-    def __init__(self, projector: nn.Module, stock: nn.Module, side: int, has_cls: bool) -> None:
+    def __init__(
+        self, projector: nn.Module | None, stock: nn.Module, side: int, has_cls: bool
+    ) -> None:
         super().__init__()
-        self.projector = projector
+        self.projector = projector  # None with projector="stock"
         self.stock = stock
         self.side = side
         self.has_cls = has_cls
@@ -82,6 +84,9 @@ class GridSlotProjector(nn.Module):
                 "vision_feature_select_strategy='default' used with a tower without CLS?"
             )
         budget = state.adapter.check_budget(state.budget(), self.side**2)
+        if self.projector is None:  # projector="stock": project, then pool the outputs
+            out = self.stock(features[:, 1:] if drop_cls else features)  # (crops, S*S, D)
+            return pool_grid(out, grid, target_grid(budget, grid))
         return self.projector(features, tokens=budget, grid=grid, drop_cls=drop_cls)
 
 
@@ -121,15 +126,18 @@ class LlavaAdapter(FamilyAdapter):
         n_layers = len(layers) if isinstance(layers, (list, tuple)) else 1
         return config.vision_config.hidden_size * n_layers, config.text_config.hidden_size
 
-    def native_tokens(self, model: Model) -> int:
-        return _tower_side(model.config) ** 2
+    def native_tokens(self, model: Model, mode: str = "flex") -> int:
+        return _tower_side(model.config) ** 2  # the stock projector keeps the grid
 
     def install(self, model: Model, state: PatchState) -> None:
         base: Model = self.base(model)
         stock: nn.Module = base.multi_modal_projector
-        self.freeze_stock(stock, state.model_patcher)
+        self.freeze_stock(stock, state)
         slot = GridSlotProjector(
-            state.projector, stock, _tower_side(model.config), _has_cls(base.vision_tower)
+            state.projector if state.mode == "flex" else None,
+            stock,
+            _tower_side(model.config),
+            _has_cls(base.vision_tower),
         )
         state.model_patcher.set(slot, STATE_ATTR, state)
         state.model_patcher.set(base, "multi_modal_projector", slot)

@@ -184,9 +184,9 @@ class MergerPassThrough(nn.Module):
     run later, in the wrapped ``get_image_features``, once the per-image grids are known.
     """
 
-    def __init__(self, projector: nn.Module, stock: nn.Module, merge_size: int) -> None:
+    def __init__(self, projector: nn.Module | None, stock: nn.Module, merge_size: int) -> None:
         super().__init__()
-        self.projector = projector
+        self.projector = projector  # None with projector="stock"
         self.stock = stock  # the stock merger (follows .to(); runs inside flexproj.disabled)
         self.merge_size = merge_size
 
@@ -195,7 +195,7 @@ class MergerPassThrough(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         state = state_of(self)
-        if state is None or not state.enabled:
+        if state is None or not state.enabled or self.projector is None:
             return self.stock(hidden_states)
         unit = self.merge_size**2
         return hidden_states.reshape(-1, unit * hidden_states.shape[-1])  # (L/m², m²*C)
@@ -233,7 +233,7 @@ class Qwen2VLAdapter(FamilyAdapter):
     def projector_dims(self, model: nn.Module) -> tuple[int, int]:
         return self.vision_width(model), int(_config(model).text_config.hidden_size)
 
-    def native_tokens(self, model: nn.Module) -> int | None:
+    def native_tokens(self, model: nn.Module, mode: str = "flex") -> int | None:
         """None: Qwen has no fixed count, each image keeps its own native grid (budgets
         are capped per image)."""
         return None
@@ -242,8 +242,9 @@ class Qwen2VLAdapter(FamilyAdapter):
         base = self.base(model)
         patcher = state.model_patcher
         stock = base.visual.merger
-        self.freeze_stock(stock, patcher)
-        slot = MergerPassThrough(state.projector, stock, self.merge_size(model))
+        self.freeze_stock(stock, state)
+        projector = state.projector if state.mode == "flex" else None
+        slot = MergerPassThrough(projector, stock, self.merge_size(model))
         setattr(slot, STATE_ATTR, state)
         patcher.set(base.visual, "merger", slot)
         patcher.override_method(base, "get_image_features", _get_image_features)
@@ -253,7 +254,9 @@ class Qwen2VLAdapter(FamilyAdapter):
     def pool_output(
         self, output: Any, grid_thw: Any, budget: int, projector: Any, merge: int
     ) -> None:
-        """Pool and project the stock features of ``output`` in place (see the module docstring)."""
+        """Pool and project the stock features of ``output`` in place (see the module
+        docstring); ``projector=None`` (``projector="stock"``): the stock merger's outputs
+        are pooled on the merged grid, as the deepstack outputs are."""
         if not isinstance(grid_thw, torch.Tensor):
             raise ValueError(
                 "Qwen-VL vision features need their grid_thw (image_grid_thw / video_grid_thw)"
@@ -263,15 +266,19 @@ class Qwen2VLAdapter(FamilyAdapter):
         counts = [t * h * w for t, h, w in llm]
         targets: list[Grid] = [(h, w) for t, h, w in llm for _ in range(t)]
 
-        units = _cat(output.pooler_output)  # (sum t*H*W/m², m²*C)
-        patches = _units_to_patch_rows(units, grids, merge)  # (sum t*H*W, C)
-        frames: list[Grid] = [(H, W) for t, H, W in grids for _ in range(t)]
-        pooled = pool_packed(patches, frames, targets)  # (sum t*h'*w', C)
-        output.pooler_output = torch.split(projector.project(pooled), counts)  # [(t*h'*w', D)]
+        merged: list[Grid] = [(H // merge, W // merge) for t, H, W in grids for _ in range(t)]
+        units = _cat(output.pooler_output)  # flex: (sum t*H*W/m², m²*C); stock: (.., D)
+        if projector is None:  # stock merger outputs, merged units row-major
+            pooled = pool_packed(units, merged, targets)  # (sum t*h'*w', D)
+            output.pooler_output = torch.split(pooled, counts)
+        else:
+            patches = _units_to_patch_rows(units, grids, merge)  # (sum t*H*W, C)
+            frames: list[Grid] = [(H, W) for t, H, W in grids for _ in range(t)]
+            pooled = pool_packed(patches, frames, targets)  # (sum t*h'*w', C)
+            output.pooler_output = torch.split(projector.project(pooled), counts)
 
         deepstack = getattr(output, "deepstack_features", None)
         if deepstack:  # Qwen3-VL: [layer][image] (t*H/m*W/m, D), merged units row-major
-            merged: list[Grid] = [(H // merge, W // merge) for t, H, W in grids for _ in range(t)]
             output.deepstack_features = [
                 torch.split(pool_packed(_cat(layer), merged, targets), counts)
                 for layer in deepstack
@@ -310,7 +317,8 @@ def _pooled_features(self: Any, name: str, grid_key: str, args: tuple, kwargs: d
         _ENCODING.reset(token)
     merge = int(self.config.vision_config.spatial_merge_size)
     adapter = cast(Qwen2VLAdapter, state.adapter)
-    adapter.pool_output(output, grid_thw, state.budget(), state.projector, merge)
+    projector = state.projector if state.mode == "flex" else None
+    adapter.pool_output(output, grid_thw, state.budget(), projector, merge)
     return output if return_dict else output.to_tuple()
 
 

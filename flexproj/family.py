@@ -238,8 +238,10 @@ class FamilyAdapter(abc.ABC):
         """``(in_dim, out_dim)`` of a FlexProjector for ``model``."""
 
     @abc.abstractmethod
-    def native_tokens(self, model: Model) -> int | None:
-        """Stock vision tokens per unit; ``None`` where each image keeps its own count."""
+    def native_tokens(self, model: Model, mode: str = "flex") -> int | None:
+        """Most tokens per unit the patched path can give (``mode`` "flex": the tower's patch
+        grid; "stock": the stock projector's output grid); ``None`` where each image keeps
+        its own count."""
 
     @abc.abstractmethod
     def install(self, model: Model, state: PatchState) -> None:
@@ -306,9 +308,12 @@ class FamilyAdapter(abc.ABC):
         if hasattr(processor, "_get_num_multimodal_tokens"):
             patcher.override_method(processor, "_get_num_multimodal_tokens", _num_multimodal_tokens)
 
-    def freeze_stock(self, stock: nn.Module, patcher: Patcher) -> None:
+    def freeze_stock(self, stock: nn.Module, state: PatchState) -> None:
         """The stock projector stays in the module tree (it follows ``.to()``) but takes no
-        gradient while the FlexProjector is installed (DDP would flag it unused)."""
+        gradient while a FlexProjector is installed (DDP would flag it unused). With
+        ``projector="stock"`` it is the projector, and stays as it was."""
+        if state.mode != "flex":
+            return
         for param in stock.parameters():
             if param.requires_grad:
-                patcher.set(param, "requires_grad", False)
+                state.model_patcher.set(param, "requires_grad", False)

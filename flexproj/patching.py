@@ -132,7 +132,9 @@ def patch(
             or the model's native count per image / tile when that is smaller.
         projector: a FlexProjector to install (e.g. a trained one; same device and dtype
             as the model); by default a new one of the right dims, on the model's device
-            and dtype.
+            and dtype. ``"stock"``: no new weights, training-free: the stock projector
+            stays and its *output* tokens are average-pooled to the budget on their grid
+            (Matryoshka's pool-after layout).
         kernel: SwiGLU backend of a new projector.
         hidden_dim: hidden width of a new projector (default ``3 * in_dim``).
 
@@ -145,11 +147,16 @@ def patch(
             f"{type(model).__name__} is already patched by flexproj; call flexproj.unpatch(model) "
             "first, or flexproj.patch_processor(model, processor) to patch another processor"
         )
-    native = adapter.native_tokens(model)
+    if isinstance(projector, str) and projector != "stock":
+        raise PatchError(f"projector must be a FlexProjector, None or 'stock', got {projector!r}")
+    mode = "stock" if projector == "stock" else "flex"
+    native = adapter.native_tokens(model, mode)
     if tokens is None:
         tokens = DEFAULT_TOKENS if native is None else min(DEFAULT_TOKENS, native)
     default = adapter.check_budget(tokens, native)
-    if projector is None:
+    if mode == "stock":
+        projector = getattr(*adapter.projector_slot(model))
+    elif projector is None:
         projector = adapter.build_projector(model, hidden_dim=hidden_dim, kernel=kernel)
     else:
         _check_projector(model, projector, adapter.projector_dims(model))
@@ -158,6 +165,7 @@ def patch(
         projector=projector,
         default_budget=default,
         native_tokens=native,
+        mode=mode,
         built_inputs=InputsLedger(),
     )
     try:

@@ -64,10 +64,20 @@ def perturb(module: torch.nn.Module, seed: int = 1) -> None:
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
-def patched(family: str, tokens: int = 16, seed: int = 0):
+MODES = ["flex", "stock"]  # FlexProjector (pool first) / stock projector, outputs pooled
+with_modes = pytest.mark.parametrize("mode", MODES)
+
+
+def patch(model, processor, tokens: int, mode: str) -> None:
+    flexproj.patch(model, processor, tokens=tokens, projector="stock" if mode == "stock" else None)
+
+
+def patched(family: str, tokens: int = 16, seed: int = 0, mode: str = "flex"):
+    """A patched tiny model whose projector differs from a fresh init (and, with
+    ``mode="flex"``, from the stock path)."""
     model, processor = tiny_vlm(family, seed=seed)
     model.eval()
-    flexproj.patch(model, processor, tokens=tokens)
+    patch(model, processor, tokens, mode)
     perturb(flexproj.get_projector(model))
     return model, processor
 
@@ -75,10 +85,11 @@ def patched(family: str, tokens: int = 16, seed: int = 0):
 # --------------------------------------------------------------------------- the core path
 
 
-def test_generate_at_several_budgets(family):
+@with_modes
+def test_generate_at_several_budgets(family, mode):
     model, processor = tiny_vlm(family)
     stock = sum(placeholders(model, encode(processor, family)))
-    flexproj.patch(model, processor, tokens=16)
+    patch(model, processor, 16, mode)
     totals = []
     for n in (1, 4, 9, 16):
         with flexproj.tokens(n):
@@ -90,7 +101,8 @@ def test_generate_at_several_budgets(family):
     assert totals[-1] <= stock  # (InternVL's stock 16 per tile is the budget 16's 4x4)
 
 
-def test_unpatch_is_bit_exact_and_leaves_nothing_behind(family):
+@with_modes
+def test_unpatch_is_bit_exact_and_leaves_nothing_behind(family, mode):
     model, processor = tiny_vlm(family)
     inputs = encode(processor, family)
     expected = logits(model, inputs)
@@ -100,7 +112,7 @@ def test_unpatch_is_bit_exact_and_leaves_nothing_behind(family):
     slot_parent, slot_name = flexproj.registry.adapter_for(model).projector_slot(model)
     stock_slot = getattr(slot_parent, slot_name)
 
-    flexproj.patch(model, processor, tokens=4)
+    patch(model, processor, 4, mode)
     with flexproj.tokens(4):
         generate(model, encode(processor, family))
     flexproj.unpatch(model)
@@ -117,8 +129,9 @@ def test_unpatch_is_bit_exact_and_leaves_nothing_behind(family):
     assert torch.equal(logits(model, inputs), expected)
 
 
-def test_gradient_reaches_only_the_projector(family):
-    model, processor = patched(family, tokens=9)
+@with_modes
+def test_gradient_reaches_only_the_projector(family, mode):
+    model, processor = patched(family, tokens=9, mode=mode)
     model.requires_grad_(False)
     projector = flexproj.get_projector(model)
     projector.requires_grad_(True)
@@ -148,8 +161,9 @@ def test_save_load_round_trip(family, tmp_path):
 # --------------------------------------------------------------------------- budgets and errors
 
 
-def test_mismatched_inputs_raise_one_error(family, monkeypatch):
-    model, processor = patched(family)
+@with_modes
+def test_mismatched_inputs_raise_one_error(family, mode, monkeypatch):
+    model, processor = patched(family, mode=mode)
     with flexproj.tokens(9):
         inputs = encode(processor, family)
     built = sum(placeholders(model, inputs))
@@ -179,8 +193,9 @@ def test_bad_budgets_are_budget_errors(family):
             encode(processor, family)
 
 
-def test_two_threads_at_two_budgets(family):
-    model, processor = patched(family)
+@with_modes
+def test_two_threads_at_two_budgets(family, mode):
+    model, processor = patched(family, mode=mode)
     expected = {}
     for n in (4, 16):
         with flexproj.tokens(n):
@@ -205,12 +220,14 @@ def test_two_threads_at_two_budgets(family):
 # --------------------------------------------------------------------------- the stock path
 
 
-def test_disabled_runs_the_stock_model_in_this_context_only(family):
+@with_modes
+def test_disabled_runs_the_stock_model_in_this_context_only(family, mode):
     model, processor = tiny_vlm(family)
     stock_inputs = encode(processor, family)
     stock_logits = logits(model, stock_inputs)
-    flexproj.patch(model, processor, tokens=4)
-    perturb(flexproj.get_projector(model))
+    patch(model, processor, 4, mode)
+    if mode == "flex":
+        perturb(flexproj.get_projector(model))
     patched_count = sum(placeholders(model, encode(processor, family)))
 
     inside, outside = threading.Barrier(2), {}
@@ -238,8 +255,9 @@ def test_disabled_runs_the_stock_model_in_this_context_only(family):
 # --------------------------------------------------------------------------- copies and moves
 
 
-def test_deepcopy_is_independent(family):
-    model, processor = patched(family)
+@with_modes
+def test_deepcopy_is_independent(family, mode):
+    model, processor = patched(family, mode=mode)
     with flexproj.tokens(4):
         inputs = encode(processor, family)
     before = logits(model, inputs)
@@ -259,14 +277,21 @@ def test_deepcopy_is_independent(family):
     flexproj.unpatch(model)  # the copy keeps working, patched, on its own modules
     assert flexproj.is_patched(clone)
     logits(clone, inputs)
+    clone_projector = flexproj.get_projector(clone)
     flexproj.unpatch(clone)
     stock = encode(processor, family)
-    assert torch.equal(logits(clone, stock), logits(model, stock))
+    if mode == "flex":  # the copy's own stock projector, equal to the original's
+        assert torch.equal(logits(clone, stock), logits(model, stock))
+    else:  # the stock projector was the trained one: the copy keeps its own edit
+        parent, name = flexproj.registry.adapter_for(clone).projector_slot(clone)
+        assert getattr(parent, name) is clone_projector
+        assert not torch.equal(logits(clone, stock), logits(model, stock))
 
 
+@with_modes
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_dtype_moves_reach_the_stock_projector(family, dtype):
-    model, processor = patched(family)
+def test_dtype_moves_reach_the_stock_projector(family, mode, dtype):
+    model, processor = patched(family, mode=mode)
     model.to(dtype)
     with flexproj.tokens(4):
         generate(model, encode(processor, family), n_new=1)
@@ -342,10 +367,11 @@ def test_failed_from_pretrained_leaves_everything_as_it_was(family, tmp_path):
 # --------------------------------------------------------------------------- the budget follows the inputs
 
 
-def test_streaming_generate_in_a_worker_thread(family):
+@with_modes
+def test_streaming_generate_in_a_worker_thread(family, mode):
     """transformers' streaming recipe: generate runs in a thread that sees no budget block;
     the inputs decide."""
-    model, processor = patched(family)
+    model, processor = patched(family, mode=mode)
     with flexproj.tokens(4):  # TextIteratorStreamer takes one sample
         inputs = processor(
             text=texts(family)[:1], images=tiny_images(SIZES[:1]), return_tensors="pt"
@@ -430,3 +456,38 @@ def test_reported_token_counts_follow_the_budget(family):
         got = emitted()
     assert [r - o for r, o in zip(report, offset)] == got
     assert got != stock_emitted
+
+
+# --------------------------------------------------------------------------- projector="stock"
+
+
+def test_stock_projector_at_the_native_budget_is_the_stock_model(family):
+    model, processor = tiny_vlm(family)
+    model.eval()
+    inputs = encode(processor, family)
+    expected = logits(model, inputs)
+    flexproj.patch(model, processor, projector="stock")
+    native = flexproj.patch_info(model).native_tokens
+    assert flexproj.patch_info(model).mode == "stock"
+    with flexproj.tokens(native or 10_000):  # Qwen: every image keeps its own grid
+        native_inputs = encode(processor, family)
+    assert torch.equal(native_inputs["input_ids"], inputs["input_ids"])
+    assert torch.equal(logits(model, native_inputs), expected)
+    with flexproj.tokens(4):
+        assert sum(placeholders(model, encode(processor, family))) < sum(
+            placeholders(model, inputs)
+        )
+
+
+def test_stock_projector_trains_and_saves_through_the_model(family, tmp_path):
+    """No FlexProjector to save: flexproj.save_pretrained refuses; the trained stock
+    projector goes out with model.save_pretrained, under the stock key names."""
+    model, processor = patched(family, mode="stock")  # the stock projector's weights moved
+    with pytest.raises(flexproj.PatchError, match="no FlexProjector"):
+        flexproj.save_pretrained(model, tmp_path / "proj")
+    with flexproj.disabled(model):
+        stock_inputs = encode(processor, family)
+        expected = logits(model, stock_inputs)  # the stock path with the trained projector
+    model.save_pretrained(tmp_path / "m")
+    reloaded = type(model).from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(logits(reloaded, stock_inputs), expected)

@@ -239,3 +239,71 @@ def test_onevision_multi_image_sample_uses_the_base_crop_only(budget):
     image_positions = inputs["input_ids"] == model.config.image_token_id
     torch.testing.assert_close(seen[0][image_positions], flat(want))
     assert out.shape == (2, inputs["input_ids"].shape[1] + 2)
+
+
+# ----------------------------------------------------------------------------- projector="stock"
+
+
+def pool_rows(rows: torch.Tensor, grid: tuple[int, int], budget: int) -> torch.Tensor:
+    """``(units, H*W, D)`` row-major -> ``F.adaptive_avg_pool2d`` to the target grid."""
+    (H, W), (h, w) = grid, flexproj.target_grid(budget, grid)
+    units, _, channels = rows.shape
+    image = rows.transpose(1, 2).reshape(units, channels, H, W)
+    return F.adaptive_avg_pool2d(image, (h, w)).reshape(units, channels, h * w).transpose(1, 2)
+
+
+@contextmanager
+def slot_outputs(model) -> Iterator[list[torch.Tensor]]:
+    """What the projector slot returns, one entry per call."""
+    seen: list[torch.Tensor] = []
+    handle = model.model.multi_modal_projector.register_forward_hook(
+        lambda module, args, out: seen.append(out.detach().clone())
+    )
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("budget", [1, 4, 6])
+@pytest.mark.parametrize(
+    "family",
+    ["llava", "llava_siglip", "llava_next", "llava_onevision", "internvl", "qwen2_vl",
+     "qwen2_5_vl", "qwen3_vl"],
+)  # fmt: skip
+def test_pool_after_equals_the_pooled_stock_outputs(family, budget):
+    """projector="stock": what the model produces at budget N is the stock projector's
+    output (read inside flexproj.disabled) average-pooled on its own output grid here."""
+    model, processor = tiny_vlm(family)
+    model.eval()
+    flexproj.patch(model, processor, projector="stock")
+    images = tiny_images(SIZES)
+    with flexproj.tokens(budget):
+        inputs = processor(text=[prompt(family, 2)], images=images, return_tensors="pt")
+    with torch.no_grad():
+        if family.startswith("qwen"):
+            grids = (inputs["image_grid_thw"][:, 1:] // 2).tolist()  # merged (H/m, W/m)
+            with flexproj.disabled(model):
+                stock = model.model.get_image_features(
+                    inputs["pixel_values"], inputs["image_grid_thw"]
+                ).pooler_output
+            want = [pool_rows(s[None], tuple(g), budget)[0] for s, g in zip(stock, grids)]
+            with flexproj.tokens(budget):
+                got = model.model.get_image_features(
+                    inputs["pixel_values"], inputs["image_grid_thw"]
+                ).pooler_output
+        elif family == "internvl":
+            with flexproj.disabled(model):
+                stock = image_features(model, inputs)  # (tiles, 4*4, D) after pixel shuffle
+            want = [pool_rows(stock, (4, 4), budget)]
+            with flexproj.tokens(budget):
+                got = [image_features(model, inputs)]
+        else:  # LLaVA family: per crop, at the slot (NeXT / OneVision pack afterwards)
+            with flexproj.disabled(model), slot_outputs(model) as stock:
+                image_features(model, inputs)
+            want = [pool_rows(stock[0], (8, 8), budget)]
+            with flexproj.tokens(budget), slot_outputs(model) as got:
+                image_features(model, inputs)
+        with flexproj.tokens(budget):
+            model(**inputs)  # and the placeholders match what is produced
+    torch.testing.assert_close(flat(got), flat(want), rtol=0, atol=0)
