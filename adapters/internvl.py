@@ -69,7 +69,7 @@ from transformers import InternVLForConditionalGeneration, InternVLModel, Intern
 
 from flexproj._types import Model
 from flexproj.errors import PatchError, UnsupportedModelError
-from flexproj.family import FamilyAdapter
+from flexproj.family import FamilyAdapter, int_budget, note_image_units
 from flexproj.patcher import Patcher, stock_method
 from flexproj.pooling import Grid, pool_grid, target_grid
 from flexproj.registry import register_adapter
@@ -102,9 +102,18 @@ class TileGridProjector(nn.Module):
                 f"the vision tower gave {L} tokens per tile, expected the {H}x{W} patch grid "
                 f"({H * W}), optionally after one CLS token"
             )
-        n = state.adapter.check_budget(state.budget(), H * W)
-        # a leading CLS (kept by the "full" strategy) is not a grid cell: drop it
-        return self.projector(features, tokens=n, grid=grid, drop_cls=L == H * W + 1)
+        drop_cls = L == H * W + 1  # a leading CLS (kept by "full") is not a grid cell
+        budgets = state.unit_budgets(features.shape[0], units_are_images=False)
+        for n in set(budgets):
+            state.adapter.check_budget(n, H * W)
+        if len(set(budgets)) == 1:
+            return self.projector(features, tokens=budgets[0], grid=grid, drop_cls=drop_cls)
+        # per-image budgets: each tile alone; (1, sum n_i, D), in tile order
+        tiles = [
+            self.projector(features[i : i + 1], tokens=n, grid=grid, drop_cls=drop_cls)[0]
+            for i, n in enumerate(budgets)
+        ]
+        return torch.cat(tiles)[None]
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -216,12 +225,12 @@ class InternVLAdapter(FamilyAdapter):
         state.model_patcher.override_method(base, "get_image_features", _get_image_features)
 
     # --- processor ---------------------------------------------------------
-    def tile_tokens(self, state: PatchState, tile_hw: Sequence[int]) -> int:
-        """Context tokens per tile of ``tile_hw`` pixels under the budget in force."""
+    def tile_tokens(self, state: PatchState, budget: int, tile_hw: Sequence[int]) -> int:
+        """Context tokens per tile of ``tile_hw`` pixels under ``budget``."""
         ph, pw = state.model_facts["patch_size"]
         patches = (int(tile_hw[0]) // ph, int(tile_hw[1]) // pw)
         grid = _unit_grid(patches, state.mode, state.model_facts["downsample_ratio"])
-        h, w = target_grid(self.check_budget(state.budget(), grid[0] * grid[1]), grid)
+        h, w = target_grid(self.check_budget(budget, grid[0] * grid[1]), grid)
         return h * w
 
     def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
@@ -251,9 +260,18 @@ def _pooled_stock_image_features(self: Model, state: PatchState, args: tuple, kw
     return_dict = self.config.return_dict if return_dict is None else return_dict
     output = stock_method(self, "get_image_features")(*args, return_dict=True, **kwargs)
     features = output.pooler_output  # (tiles, S*S, D), S = the shuffled grid side
-    side = math.isqrt(features.shape[1])
-    budget = state.adapter.check_budget(state.budget(), side * side)
-    output.pooler_output = pool_grid(features, (side, side), target_grid(budget, (side, side)))
+    grid = (math.isqrt(features.shape[1]),) * 2
+    budgets = state.unit_budgets(features.shape[0], units_are_images=False)
+    for n in set(budgets):
+        state.adapter.check_budget(n, grid[0] * grid[1])
+    if len(set(budgets)) == 1:
+        output.pooler_output = pool_grid(features, grid, target_grid(budgets[0], grid))
+    else:  # per-image budgets: (1, sum n_i, D), in tile order
+        tiles = [
+            pool_grid(features[i : i + 1], grid, target_grid(n, grid))[0]
+            for i, n in enumerate(budgets)
+        ]
+        output.pooler_output = torch.cat(tiles)[None]
     return output if return_dict else output.to_tuple()
 
 
@@ -262,8 +280,10 @@ def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs
     if state is None or not state.enabled:
         return stock_method(self, "replace_image_token")(image_inputs, image_idx, **kwargs)
     tiles = int(image_inputs["num_patches"][image_idx])
+    budget = state.image_budgets(len(image_inputs["num_patches"]))[image_idx]
     tile_hw = image_inputs["pixel_values"][0].shape[-2:]  # every tile has the same size
-    context = self.image_token * (_adapter(state).tile_tokens(state, tile_hw) * tiles)
+    note_image_units(image_idx, tiles)
+    context = self.image_token * (_adapter(state).tile_tokens(state, budget, tile_hw) * tiles)
     return f"{self.start_image_token}{context}{self.end_image_token}"
 
 
@@ -272,7 +292,8 @@ def _replace_video_token(self: Any, video_inputs: dict, video_idx: int, **kwargs
     if state is None or not state.enabled:
         return stock_method(self, "replace_video_token")(video_inputs, video_idx, **kwargs)
     frames = video_inputs["pixel_values_videos"][video_idx]  # (frames, 3, S, S)
-    context = self.image_token * _adapter(state).tile_tokens(state, frames.shape[-2:])
+    budget = int_budget(state, "videos")
+    context = self.image_token * _adapter(state).tile_tokens(state, budget, frames.shape[-2:])
     return "\n".join(
         f"Frame{i + 1}: {self.start_image_token}{context}{self.end_image_token}"
         for i in range(frames.shape[0])

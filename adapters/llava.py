@@ -20,7 +20,7 @@ cell, so the slot drops it explicitly (SigLIP towers have none).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, cast
 
 import torch
@@ -43,7 +43,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from flexproj._types import Model
-from flexproj.family import FamilyAdapter
+from flexproj.family import FamilyAdapter, note_image_units
 from flexproj.patcher import Patcher, stock_method
 from flexproj.pooling import pool_grid, target_grid
 from flexproj.registry import register_adapter
@@ -59,22 +59,22 @@ class GridSlotProjector(nn.Module):
     """
 
     def __init__(
-        self, projector: nn.Module | None, stock: nn.Module, side: int, has_cls: bool
+        self, projector: nn.Module | None, stock: nn.Module, side: int, has_cls: bool, anyres: bool
     ) -> None:
         super().__init__()
         self.projector = projector  # None with projector="stock"
         self.stock = stock
         self.side = side
         self.has_cls = has_cls
+        self.anyres = anyres  # rows are crops of images (NeXT / OneVision), else images
 
     def extra_repr(self) -> str:
         return f"grid={self.side}x{self.side}, has_cls={self.has_cls}"
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         state = state_of(self)
         if state is None or not state.enabled:
             return self.stock(features)
-        grid = (self.side, self.side)
         L = features.shape[1]
         drop_cls = self.has_cls and self.side**2 + 1 == L
         if not drop_cls and self.side**2 != L:
@@ -83,9 +83,27 @@ class GridSlotProjector(nn.Module):
                 f"grid ({self.side**2}){' or grid + CLS' if self.has_cls else ''}. Is "
                 "vision_feature_select_strategy='default' used with a tower without CLS?"
             )
-        budget = state.adapter.check_budget(state.budget(), self.side**2)
-        if self.projector is None:  # projector="stock": project, then pool the outputs
-            out = self.stock(features[:, 1:] if drop_cls else features)  # (crops, S*S, D)
+        budgets = state.unit_budgets(features.shape[0], units_are_images=not self.anyres)
+        for budget in set(budgets):
+            state.adapter.check_budget(budget, self.side**2)
+        if len(set(budgets)) == 1:
+            return self._pool_project(features, budgets[0], drop_cls)
+        # per-image budgets: each row alone, (n_i, D)
+        rows = [
+            self._pool_project(features[i : i + 1], n, drop_cls)[0] for i, n in enumerate(budgets)
+        ]
+        if not self.anyres:  # LLaVA-1.5's get_image_features lists per-image features anyway
+            return rows
+        # AnyRes: (rows, n_max, D), zero-padded; the packer trims each image to its count
+        longest = max(r.shape[0] for r in rows)
+        return torch.stack([nn.functional.pad(r, (0, 0, 0, longest - r.shape[0])) for r in rows])
+
+    def _pool_project(self, features: torch.Tensor, budget: int, drop_cls: bool) -> torch.Tensor:
+        """``(rows, [1 +] S*S, C) -> (rows, n, D)``: pool + project (FlexProjector), or
+        project + pool (``projector="stock"``)."""
+        grid = (self.side, self.side)
+        if self.projector is None:
+            out = self.stock(features[:, 1:] if drop_cls else features)  # (rows, S*S, D)
             return pool_grid(out, grid, target_grid(budget, grid))
         return self.projector(features, tokens=budget, grid=grid, drop_cls=drop_cls)
 
@@ -138,6 +156,7 @@ class LlavaAdapter(FamilyAdapter):
             stock,
             _tower_side(model.config),
             _has_cls(base.vision_tower),
+            anyres=self.packer is not None,
         )
         state.model_patcher.set(slot, STATE_ATTR, state)
         state.model_patcher.set(base, "multi_modal_projector", slot)
@@ -145,12 +164,10 @@ class LlavaAdapter(FamilyAdapter):
             state.model_patcher.override_method(base, "pack_image_features", self.packer)
 
     # --- processor ---------------------------------------------------------
-    def crop_tokens(
-        self, processor: Any, state: PatchState, crop_hw: tuple[int, int]
-    ) -> tuple[int, int]:
-        """Pooled grid of one crop of ``crop_hw`` pixels under the budget in force."""
+    def crop_tokens(self, processor: Any, budget: int, crop_hw: tuple[int, int]) -> tuple[int, int]:
+        """Pooled grid of one crop of ``crop_hw`` pixels under ``budget``."""
         native = self.native_crop_grid(processor, crop_hw)
-        return target_grid(self.check_budget(state.budget(), native[0] * native[1]), native)
+        return target_grid(self.check_budget(budget, native[0] * native[1]), native)
 
     def native_crop_grid(self, processor: Any, crop_hw: tuple[int, int]) -> tuple[int, int]:
         patch = int(processor.patch_size)
@@ -160,8 +177,11 @@ class LlavaAdapter(FamilyAdapter):
         self, processor: Any, state: PatchState, image_inputs: dict, image_idx: int
     ) -> int:
         """Placeholders for image ``image_idx`` of a processor call, under the budget."""
-        height, width = image_inputs["pixel_values"][image_idx].shape[-2:]
-        h, w = self.crop_tokens(processor, state, (int(height), int(width)))
+        pixel_values = image_inputs["pixel_values"]
+        budget = state.image_budgets(len(pixel_values))[image_idx]
+        height, width = pixel_values[image_idx].shape[-2:]
+        h, w = self.crop_tokens(processor, budget, (int(height), int(width)))
+        note_image_units(image_idx, 1)
         return h * w
 
     def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
@@ -249,7 +269,8 @@ def _pack_next_impl(
     if state is None or not state.enabled:
         stock = stock_method(self, "pack_image_features")
         return stock(image_features, image_sizes, vision_feature_select_strategy, image_newline)
-    return _pack_anyres(self, image_features, image_sizes, image_newline, None)
+    features = _trim_to_budgets(self, state, image_features)
+    return _pack_anyres(self, features, image_sizes, image_newline, None)
 
 
 def _pack_onevision_impl(
@@ -265,7 +286,22 @@ def _pack_onevision_impl(
         stock = stock_method(self, "pack_image_features")
         return stock(image_features, image_sizes, image_newline, vision_aspect_ratio)
     max_patches = int(vision_aspect_ratio.removeprefix("anyres_max_"))
-    return _pack_anyres(self, image_features, image_sizes, image_newline, max_patches)
+    features = _trim_to_budgets(self, state, image_features)
+    return _pack_anyres(self, features, image_sizes, image_newline, max_patches)
+
+
+def _trim_to_budgets(
+    base: Model, state: PatchState, image_features: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each image's ``(crops, n_max, D)`` rows cut to its own budget's count (the slot
+    zero-pads rows when images have different budgets)."""
+    side = _tower_side(base.config)
+    budgets = state.image_budgets(len(image_features))
+    out = []
+    for feature, budget in zip(image_features, budgets, strict=True):
+        h, w = target_grid(budget, (side, side))
+        out.append(feature[:, : h * w])
+    return out
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -299,9 +335,13 @@ class LlavaNextAdapter(LlavaAdapter):
         orig = image_inputs["image_sizes"][image_idx]
         orig = orig.tolist() if hasattr(orig, "tolist") else list(orig)
         crop_h, crop_w = (int(s) for s in image_inputs["pixel_values"][0][0].shape[-2:])
-        side = self.crop_tokens(processor, state, (crop_h, crop_w))
+        budget = state.image_budgets(len(image_inputs["image_sizes"]))[image_idx]
+        side = self.crop_tokens(processor, budget, (crop_h, crop_w))
         if self.base_crop_only(processor, image_inputs, image_idx):
+            note_image_units(image_idx, 1)
             return side[0] * side[1] + 1  # base crop + newline
+        rows, cols = self.crop_layout(processor, orig, (crop_h, crop_w))
+        note_image_units(image_idx, 1 + rows * cols)  # base crop + the tiling crops
         unpadded, newlines = self.unpadded_count(processor, side, orig, (crop_h, crop_w))
         return unpadded + newlines + side[0] * side[1]
 

@@ -90,7 +90,7 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from flexproj.family import FamilyAdapter, check_count
+from flexproj.family import FamilyAdapter, check_count, int_budget, note_image_units
 from flexproj.patcher import Patcher, stock_method
 from flexproj.pooling import Grid, pool_packed, target_grid
 from flexproj.registry import register_adapter
@@ -132,9 +132,15 @@ def llm_grid(grid_thw: Sequence[int], tokens: int, merge: int) -> tuple[int, int
     return t, h, w
 
 
-def pooled_grid_thw(grid_thw: torch.Tensor, tokens: int, merge: int) -> torch.Tensor:
-    """The grid the LLM side sees, in patch units: rows ``(t, h'*m, w'*m)``, same dtype/device."""
-    rows = [llm_grid(row, tokens, merge) for row in grid_thw.tolist()]
+def pooled_grid_thw(
+    grid_thw: torch.Tensor, tokens: int | Sequence[int], merge: int
+) -> torch.Tensor:
+    """The grid the LLM side sees, in patch units: rows ``(t, h'*m, w'*m)``, same dtype/device.
+
+    ``tokens``: one budget for every row, or one per row."""
+    grids = grid_thw.tolist()
+    budgets = [tokens] * len(grids) if isinstance(tokens, int) else list(tokens)
+    rows = [llm_grid(row, n, merge) for row, n in zip(grids, budgets, strict=True)]
     pooled = [[t, h * merge, w * merge] for t, h, w in rows]
     return torch.tensor(pooled, dtype=grid_thw.dtype, device=grid_thw.device).reshape(-1, 3)
 
@@ -252,7 +258,7 @@ class Qwen2VLAdapter(FamilyAdapter):
         patcher.override_method(base, "get_rope_index", _get_rope_index)
 
     def pool_output(
-        self, output: Any, grid_thw: Any, budget: int, projector: Any, merge: int
+        self, output: Any, grid_thw: Any, budgets: Sequence[int], projector: Any, merge: int
     ) -> None:
         """Pool and project the stock features of ``output`` in place (see the module
         docstring); ``projector=None`` (``projector="stock"``): the stock merger's outputs
@@ -262,7 +268,7 @@ class Qwen2VLAdapter(FamilyAdapter):
                 "Qwen-VL vision features need their grid_thw (image_grid_thw / video_grid_thw)"
             )
         grids = [(int(t), int(h), int(w)) for t, h, w in grid_thw.tolist()]
-        llm = [llm_grid(g, budget, merge) for g in grids]
+        llm = [llm_grid(g, n, merge) for g, n in zip(grids, budgets, strict=True)]
         counts = [t * h * w for t, h, w in llm]
         targets: list[Grid] = [(h, w) for t, h, w in llm for _ in range(t)]
 
@@ -318,7 +324,8 @@ def _pooled_features(self: Any, name: str, grid_key: str, args: tuple, kwargs: d
     merge = int(self.config.vision_config.spatial_merge_size)
     adapter = cast(Qwen2VLAdapter, state.adapter)
     projector = state.projector if state.mode == "flex" else None
-    adapter.pool_output(output, grid_thw, state.budget(), projector, merge)
+    budgets = _row_budgets(state, grid_key, grid_thw)
+    adapter.pool_output(output, grid_thw, budgets, projector, merge)
     return output if return_dict else output.to_tuple()
 
 
@@ -342,13 +349,13 @@ def _get_rope_index(self: Any, *args: Any, **kwargs: Any) -> Any:
         return stock(*args, **kwargs)
     bound = inspect.signature(stock).bind(*args, **kwargs)
     input_ids = bound.arguments.get("input_ids")
-    budget = state.budget()
     merge = int(self.config.vision_config.spatial_merge_size)
     for kind, grid_key, id_name in _MODALITIES:
         grid_thw = bound.arguments.get(grid_key)
         if grid_thw is None:
             continue
-        pooled = pooled_grid_thw(grid_thw, budget, merge)  # (n, 3): (t, h'*m, w'*m)
+        budgets = _row_budgets(state, grid_key, grid_thw)
+        pooled = pooled_grid_thw(grid_thw, budgets, merge)  # (n, 3): (t, h'*m, w'*m)
         if input_ids is not None:
             produced = int((pooled.prod(-1) // merge**2).sum())
             placeholders = int((input_ids == getattr(self.config, id_name)).sum())
@@ -365,8 +372,19 @@ def _replace_with_pooled_grid(
     state = state_of(self)
     if state is not None and state.enabled:
         grid_thw = torch.as_tensor(np.asarray(inputs[grid_key]), dtype=torch.long)  # (n, 3)
-        inputs = {**inputs, grid_key: pooled_grid_thw(grid_thw, state.budget(), merge).numpy()}
+        budgets = _row_budgets(state, grid_key, grid_thw)
+        if grid_key == "image_grid_thw":
+            note_image_units(idx, 1)  # one row per image in the projector's bookkeeping
+        inputs = {**inputs, grid_key: pooled_grid_thw(grid_thw, budgets, merge).numpy()}
     return stock(inputs, idx, **kwargs)
+
+
+def _row_budgets(state: PatchState, grid_key: str, grid_thw: Any) -> list[int]:
+    """One budget per image (a per-image list applies), or per video (one int only)."""
+    rows = len(grid_thw)
+    if grid_key == "video_grid_thw":
+        return [int_budget(state, "videos")] * rows
+    return state.image_budgets(rows)
 
 
 def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:

@@ -24,13 +24,16 @@ from typing import Any, TypeVar
 
 from flexproj.errors import BudgetError
 
-_BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+#: a budget: one int for every image, or one int per image in processor order
+Budget = int | tuple[int, ...]
+
+_BUDGET: contextvars.ContextVar[Budget | None] = contextvars.ContextVar(
     "flexproj_tokens", default=None
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["budget_value", "current_tokens", "tokens"]
+__all__ = ["Budget", "budget_spec", "budget_value", "current_tokens", "tokens"]
 
 
 def budget_value(n: object) -> int:
@@ -49,14 +52,31 @@ def budget_value(n: object) -> int:
     return value
 
 
+def budget_spec(n: object) -> Budget:
+    """``n`` as a budget: one positive int, or a non-empty sequence of them (one per image)."""
+    if isinstance(n, (str, bytes)) or not hasattr(n, "__iter__"):
+        return budget_value(n)
+    if getattr(n, "ndim", 1) == 0:  # a numpy / torch scalar
+        return budget_value(n)
+    values = tuple(budget_value(v) for v in n)
+    if not values:
+        raise BudgetError("a per-image budget list must name at least one budget")
+    return values
+
+
 class tokens:
-    """Use ``n`` vision tokens per image (per tile, per temporal patch) inside the block."""
+    """Use ``n`` vision tokens per image (per crop, tile, temporal patch) inside the block.
+
+    ``n`` is one int for every image, or a sequence with one budget per image, in the
+    order the processor receives the images of the batch (an image's budget covers all
+    its crops, tiles or temporal patches).
+    """
 
     def __init__(self, n: object) -> None:
-        self.n = budget_value(n)
-        self._resets: list[contextvars.Token[int | None]] = []
+        self.n: Budget = budget_spec(n)
+        self._resets: list[contextvars.Token[Budget | None]] = []
 
-    def __enter__(self) -> int:
+    def __enter__(self) -> Budget:
         self._resets.append(_BUDGET.set(self.n))
         return self.n
 
@@ -113,7 +133,7 @@ class tokens:
         return run  # type: ignore[return-value]
 
 
-def current_tokens(default: int | None = None) -> int | None:
+def current_tokens(default: Budget | None = None) -> Budget | None:
     """The budget in force: the innermost ``tokens()`` block, else ``default``."""
     value = _BUDGET.get()
     return default if value is None else value

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import abc
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import inspect
@@ -36,11 +38,11 @@ import torch
 from torch import nn
 
 from flexproj._types import Model
-from flexproj.budget import budget_value, current_tokens, tokens
+from flexproj.budget import Budget, budget_value, current_tokens, tokens
 from flexproj.errors import BudgetError, TokenCountMismatch, UnsupportedModelError
 from flexproj.patcher import Patcher, stock_method
 from flexproj.projector import FlexProjector
-from flexproj.state import STATE_ATTR, PatchState, disabled_state, state_of
+from flexproj.state import STATE_ATTR, PatchState, call_units, disabled_state, state_of
 
 __all__ = ["MODALITIES", "FamilyAdapter", "InputsLedger", "check_count", "model_device_dtype"]
 
@@ -99,20 +101,50 @@ def guarded_placeholder_mask(self: Model, *args: Any, **kwargs: Any) -> Any:
     return stock(*args, **kwargs)
 
 
-class InputsLedger:
-    """Which budget built which inputs: ``input_ids`` content -> budget, the latest 4096.
+#: what a ledger holds for one batch: the budget, and the units (crops, tiles, temporal
+#: patches) of each image, or None where the family did not say
+Built = tuple[Budget, tuple[int, ...] | None]
 
-    The processors patched for a model record each batch they build; the model, called
+#: units per image noted by the processor call in progress (see note_image_units)
+_NOTED_UNITS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "flexproj_noted_units", default=None
+)
+
+
+def int_budget(state: PatchState, what: str) -> int:
+    """The budget in force where only one int makes sense (e.g. for videos)."""
+    spec = state.budget()
+    if not isinstance(spec, int):
+        raise BudgetError(
+            f"per-image budgets {list(spec)} apply to images; run {what} under one int budget "
+            "(flexproj.tokens(n))"
+        )
+    return spec
+
+
+def note_image_units(image_idx: int, units: int) -> None:
+    """Called by a patched ``replace_image_token`` for image ``image_idx`` of the processor
+    call in progress: how many projector rows (crops, tiles) that image becomes."""
+    noted = [] if image_idx == 0 else (_NOTED_UNITS.get() or [])
+    _NOTED_UNITS.set([*noted[:image_idx], units])
+
+
+class InputsLedger:
+    """Which budget built which inputs: ``input_ids`` content -> (budget, units per image),
+    the latest 4096.
+
+    The processors patched for a model record each batch they build. The model, called
     with no ``flexproj.tokens`` block in force (a worker thread, a later step of a
-    streaming generator, an executor), runs under the budget its inputs were built with.
-    One ledger per patched model, so what one model does never depends on another's
-    history; a deep copy starts with a copy of it.
+    streaming generator, an executor), runs under the budget its inputs were built with;
+    per-image budgets are mapped onto crops and tiles with the recorded units. One ledger
+    per patched model, so what one model does never depends on another's history; a deep
+    copy starts with a copy of it.
     """
 
     capacity = 4096
 
     def __init__(self) -> None:
-        self._budgets: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._budgets: collections.OrderedDict[bytes, Built] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -125,15 +157,15 @@ class InputsLedger:
         digest.update(str(array.shape).encode())
         return digest.digest()
 
-    def record(self, input_ids: Any, budget: int) -> None:
+    def record(self, input_ids: Any, built: Built) -> None:
         key = self.key(input_ids)
         with self._lock:
-            self._budgets[key] = budget
+            self._budgets[key] = built
             self._budgets.move_to_end(key)
             while len(self._budgets) > self.capacity:
                 self._budgets.popitem(last=False)
 
-    def lookup(self, input_ids: Any) -> int | None:
+    def lookup(self, input_ids: Any) -> Built | None:
         key = self.key(input_ids)
         with self._lock:
             return self._budgets.get(key)
@@ -150,21 +182,25 @@ _VISION_INPUTS = ("pixel_values", "pixel_values_videos")
 
 
 def run_with_input_budget(self: Model, name: str, args: tuple, kwargs: dict) -> Any:
-    """Call stock ``name`` under the budget the inputs were built with, when no
-    ``flexproj.tokens`` block is in force and the inputs carry images."""
+    """Call stock ``name`` with what the patched processor recorded for these inputs: their
+    units per image, and their budget when no ``flexproj.tokens`` block is in force."""
     stock = stock_method(self, name)
     state = state_of(self)
-    if state is None or not state.enabled or current_tokens() is not None:
-        return stock(*args, **kwargs)
+    if state is None or not state.enabled or torch.compiler.is_compiling():
+        return stock(*args, **kwargs)  # (a traced call reads no ledger: hashing ids breaks graphs)
     if not any(kwargs.get(key) is not None for key in _VISION_INPUTS):
         return stock(*args, **kwargs)
     input_ids = kwargs.get("input_ids")
     if input_ids is None and args and isinstance(args[0], torch.Tensor):
         input_ids = args[0]
-    budget = None if input_ids is None else state.built_inputs.lookup(input_ids)
-    if budget is None:
+    built = None if input_ids is None else state.built_inputs.lookup(input_ids)
+    if built is None:
         return stock(*args, **kwargs)
-    with tokens(budget):
+    budget, units = built
+    with contextlib.ExitStack() as scope:
+        if current_tokens() is None:  # an explicit block wins (and mismatches raise)
+            scope.enter_context(tokens(budget))
+        scope.enter_context(call_units(units))
         return stock(*args, **kwargs)
 
 
@@ -180,8 +216,11 @@ def _record_built_inputs(self: Any, text: Any, text_inputs: Any, *args: Any, **k
     """Processor hook after tokenisation: note which budget built these ``input_ids``."""
     result = stock_method(self, "_check_special_mm_tokens")(text, text_inputs, *args, **kwargs)
     state = state_of(self)
+    noted = _NOTED_UNITS.get()
+    _NOTED_UNITS.set(None)
     if state is not None and state.enabled:
-        state.built_inputs.record(text_inputs["input_ids"], state.budget())
+        units = None if noted is None else tuple(noted)
+        state.built_inputs.record(text_inputs["input_ids"], (state.budget(), units))
     return result
 
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from flexproj.budget import current_tokens
-from flexproj.errors import PatchError
+from flexproj.budget import Budget, current_tokens
+from flexproj.errors import BudgetError, PatchError
 from flexproj.patcher import Patcher
 
 if TYPE_CHECKING:
@@ -28,12 +28,19 @@ if TYPE_CHECKING:
 
 STATE_ATTR = "flexproj_state"
 
+#: units (crops, tiles, temporal patches) per image of the inputs the model is running,
+#: from the processor that built them: maps a per-image budget list onto the rows the
+#: projector sees
+_CALL_UNITS: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
+    "flexproj_call_units", default=None
+)
+
 #: ids of the states whose stock path is switched on in this context (flexproj.disabled)
 _DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
     "flexproj_disabled", default=frozenset()
 )
 
-__all__ = ["STATE_ATTR", "PatchState", "disabled_state", "state_of"]
+__all__ = ["STATE_ATTR", "PatchState", "call_units", "disabled_state", "state_of"]
 
 
 @dataclass(eq=False)
@@ -57,11 +64,49 @@ class PatchState:
     #: which does not see the model (e.g. InternVL's ViT patch size)
     model_facts: dict[str, Any] = field(default_factory=dict)
 
-    def budget(self) -> int:
-        """The budget in force: the innermost ``flexproj.tokens`` block, else the default."""
+    def budget(self) -> Budget:
+        """The budget in force: the innermost ``flexproj.tokens`` block, else the default
+        (an int for every image, or one int per image)."""
         n = current_tokens(self.default_budget)
         assert n is not None
         return n
+
+    def image_budgets(self, n_images: int) -> list[int]:
+        """One budget per image of a batch of ``n_images``; a per-image list must match."""
+        spec = self.budget()
+        if isinstance(spec, int):
+            return [spec] * n_images
+        if len(spec) != n_images:
+            raise BudgetError(
+                f"flexproj.tokens got {len(spec)} budgets for a batch of {n_images} images: "
+                "give one budget per image, in the order the processor receives them, or one "
+                "int for every image"
+            )
+        return list(spec)
+
+    def unit_budgets(self, n_units: int, *, units_are_images: bool) -> list[int]:
+        """One budget per projector row (crop, tile) of the running inputs."""
+        spec = self.budget()
+        if isinstance(spec, int):
+            return [spec] * n_units
+        units = _CALL_UNITS.get()
+        if units is None:
+            if units_are_images:
+                return self.image_budgets(n_units)
+            raise BudgetError(
+                f"per-image budgets {list(spec)}: which crops or tiles belong to which image is "
+                "recorded by the patched processor; build the inputs with it (this batch was "
+                "not built by a processor patched for this model)"
+            )
+        rows = [
+            b for b, u in zip(self.image_budgets(len(units)), units, strict=True) for _ in range(u)
+        ]
+        if len(rows) != n_units:
+            raise BudgetError(
+                f"the inputs' {len(units)} images hold {len(rows)} crops/tiles but the model "
+                f"received {n_units}"
+            )
+        return rows
 
     @property
     def enabled(self) -> bool:
@@ -94,6 +139,16 @@ class PatchState:
 def state_of(obj: Any) -> PatchState | None:
     """The :class:`PatchState` stored on a patched model, its inner model or a processor."""
     return getattr(obj, STATE_ATTR, None)
+
+
+@contextlib.contextmanager
+def call_units(units: tuple[int, ...] | None) -> Iterator[None]:
+    """Units per image of the inputs being run (see :meth:`PatchState.unit_budgets`)."""
+    token = _CALL_UNITS.set(units)
+    try:
+        yield
+    finally:
+        _CALL_UNITS.reset(token)
 
 
 @contextlib.contextmanager

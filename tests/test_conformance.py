@@ -491,3 +491,44 @@ def test_stock_projector_trains_and_saves_through_the_model(family, tmp_path):
     model.save_pretrained(tmp_path / "m")
     reloaded = type(model).from_pretrained(tmp_path / "m").eval()
     assert torch.equal(logits(reloaded, stock_inputs), expected)
+
+
+# --------------------------------------------------------------------------- per-image budgets
+
+
+@with_modes
+def test_per_image_budgets_equal_each_sample_alone(family, mode):
+    """One budget per image in one left-padded batch (the second sample's two images at two
+    budgets) gives what each sample gives alone at its budgets."""
+    model, processor = patched(family, mode=mode)
+    images = tiny_images(SIZES)
+    per_sample = [(texts(family)[0], images[:1], [4]), (texts(family)[1], images[1:], [9, 1])]
+    budgets = [b for _, _, bs in per_sample for b in bs]
+    with flexproj.tokens(budgets):
+        batch = encode(processor, family)
+        out = generate(model, batch)
+        batch_logits = logits(model, batch)
+    new = out[:, batch["input_ids"].shape[1] :]
+    for row, (text, imgs, bs) in enumerate(per_sample):
+        with flexproj.tokens(bs):
+            alone = processor(text=[text], images=imgs, return_tensors="pt")
+            alone_out = generate(model, alone)
+            alone_logits = logits(model, alone)
+        assert placeholders(model, batch)[row] == placeholders(model, alone)[0]
+        assert torch.equal(new[row], alone_out[0, alone["input_ids"].shape[1] :])
+        torch.testing.assert_close(batch_logits[row, -1], alone_logits[0, -1], rtol=1e-4, atol=1e-4)
+    # the inputs carry their per-image budgets: no block around the model call is needed
+    assert torch.equal(generate(model, batch), out)
+
+
+def test_a_budget_list_of_the_wrong_length_is_one_error(family):
+    model, processor = patched(family)
+    with (
+        flexproj.tokens([4, 9]),
+        pytest.raises(flexproj.BudgetError, match="2 budgets for a batch of 3 images"),
+    ):
+        encode(processor, family)
+    with flexproj.tokens([4, 9, 16]):
+        inputs = encode(processor, family)
+    with flexproj.tokens([4, 9]), pytest.raises(flexproj.BudgetError, match="2 budgets"):
+        logits(model, inputs)
