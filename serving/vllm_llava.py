@@ -102,9 +102,9 @@ class FlexLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         image_token_id = self.info.get_hf_config().image_token_index
         count = self.info.tokens_for(self.info.budget(hf_processor_mm_kwargs))
 
-        images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
-
         def replacement(item_idx: int) -> list[int]:
+            # resolved per item, as upstream does: on a processor-cache hit mm_items is empty
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
             if isinstance(images, ImageEmbeddingItems):  # precomputed embeddings: as given
                 return [image_token_id] * images.get_feature_size(item_idx)
             return [image_token_id] * count
