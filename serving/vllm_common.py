@@ -52,13 +52,13 @@ def budget_field(modality: str) -> dict[str, MultiModalFieldConfig]:
     return {BUDGET_FIELD: MultiModalFieldConfig.batched(modality)}
 
 
-def budgets_list(value: object, count: int, default: int) -> list[int]:
+def budgets_list(value: Any, count: int, default: int) -> list[int]:
     """The per-item budgets ``embed_multimodal`` received (a tensor or a list of 0-d tensors)."""
     if value is None:
         return [default] * count
     if isinstance(value, torch.Tensor):
         return [int(v) for v in value.reshape(-1).tolist()]
-    return [int(v) for v in value]  # type: ignore[call-overload]
+    return [int(v) for v in value]
 
 
 def by_budget(
