@@ -240,7 +240,9 @@ class InternVLAdapter(FamilyAdapter):
             data = original_counts(image_sizes=image_sizes, **kwargs)
             if data.num_image_patches is None:
                 return data
-            size = self._merge_kwargs(**kwargs)["images_kwargs"].get("size") or (
+            # the kwargs class is passed explicitly: transformers 5.19 requires it (5.23 defaults it)
+            merged = self._merge_kwargs(self.valid_processor_kwargs, **kwargs)
+            size = merged["images_kwargs"].get("size") or (
                 self.image_processor.size  # tile size: a call's size=... wins
             )
             per_tile = adapter.tile_tokens(state, (size["height"], size["width"]))
