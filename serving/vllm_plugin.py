@@ -15,11 +15,15 @@ ARCHITECTURES: dict[str, str] = {
     "FlexprojLlavaForConditionalGeneration": (
         "flexproj.serving.vllm_llava:FlexLlavaForConditionalGeneration"
     ),
+    "FlexprojQwen2_5_VLForConditionalGeneration": (
+        "flexproj.serving.vllm_qwen:FlexQwen2_5_VLForConditionalGeneration"
+    ),
 }
 
 #: transformers ``model_type`` -> the flexproj architecture that serves it
 MODEL_TYPES: dict[str, str] = {
     "llava": "FlexprojLlavaForConditionalGeneration",
+    "qwen2_5_vl": "FlexprojQwen2_5_VLForConditionalGeneration",
 }
 
 

@@ -22,7 +22,7 @@ NEW_TOKENS = 8
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, Any, Path]]:
     root = tmp_path_factory.mktemp("exported")
     torch.manual_seed(0)
-    return {"llava": build("llava", root)}
+    return {family: build(family, root) for family in ("llava", "qwen2_5_vl")}
 
 
 def hf_greedy(model: Any, processor: Any, text: str, images: list, tokens: int) -> list[int]:
