@@ -81,8 +81,9 @@ def run_serve(
             return time.perf_counter() - start
 
         rows: list[dict[str, Any]] = []
+        for n in tokens:  # warm-up: every budget once before anything is timed
+            batch(n, requests, new_tokens)
         for n in tokens:
-            batch(n, 2, 1)  # warm-up at this budget
             throughput = statistics.median(
                 requests / batch(n, requests, new_tokens) for _ in range(repeats)
             )
