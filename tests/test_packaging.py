@@ -8,7 +8,12 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-MAPPING = {"flexproj": "flexproj", "adapters": "flexproj.adapters", "recipes": "flexproj.recipes"}
+MAPPING = {
+    "flexproj": "flexproj",
+    "adapters": "flexproj.adapters",
+    "recipes": "flexproj.recipes",
+    "serving": "flexproj.serving",
+}
 
 
 def declared_packages():
@@ -28,11 +33,12 @@ def test_every_package_folder_is_declared():
         "flexproj": "flexproj",
         "flexproj.adapters": "adapters",
         "flexproj.recipes": "recipes",
+        "flexproj.serving": "serving",
     }
 
 
 def test_adapters_and_recipes_import_under_flexproj():
-    for name in ("flexproj.adapters", "flexproj.recipes"):
+    for name in ("flexproj.adapters", "flexproj.recipes", "flexproj.serving"):
         module = importlib.import_module(name)
         assert Path(module.__file__).parent == ROOT / name.split(".")[1]
 

@@ -1,4 +1,4 @@
-"""``flexproj bench {kernels,e2e,train}``: performance benchmarks (see docs/BENCHMARKS.md)."""
+"""``flexproj bench {kernels,e2e,train,serve}``: performance benchmarks (see docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ SUBCOMMANDS = {
     "kernels": "projector per SwiGLU backend vs matmul floor, stock projector and pool-after",
     "e2e": "prefill / decode latency and KV-cache bytes per token budget, per model family",
     "train": "training step time, peak memory, vision tokens: fixed 256 vs the 2:3:5 schedule",
+    "serve": "vLLM requests/s and time to first token per budget (needs the vLLM plug-in env)",
 }
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "bench", help="performance benchmarks (kernels, e2e, train)", description=__doc__
+        "bench", help="performance benchmarks (kernels, e2e, train, serve)", description=__doc__
     )
     sub = parser.add_subparsers(dest="bench_command", metavar="BENCH")
     parser.set_defaults(func=lambda args: _usage(parser))

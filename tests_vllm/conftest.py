@@ -1,0 +1,47 @@
+"""Fixtures of the vLLM tests (run by ``make test-vllm`` in ``.venv-vllm``, never by ``make test``).
+
+The reference is always the patched transformers model the export was made from: greedy
+ids of vLLM must equal its ``generate`` ids under the same budget.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from models import build
+
+import flexproj
+
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, Any, Path]]:
+    root = tmp_path_factory.mktemp("exported")
+    torch.manual_seed(0)
+    return {family: build(family, root) for family in ("llava", "qwen2_5_vl")}
+
+
+def hf_greedy(model: Any, processor: Any, text: str, images: list, tokens: int) -> list[int]:
+    """Greedy ids of the patched transformers model, ``NEW_TOKENS`` of them (EOS suppressed)."""
+    with flexproj.tokens(tokens):
+        inputs = processor(text=[text], images=images, return_tensors="pt")
+        out = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+        )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def engine_kwargs() -> dict[str, Any]:
+    """Small CPU engines: eager, fp32 (the reference's dtype), a 128 MiB KV cache."""
+    return {
+        "enforce_eager": True,
+        "dtype": "float32",
+        "max_model_len": 512,
+        "max_num_seqs": 8,
+        "kv_cache_memory_bytes": 128 * 2**20,
+        "limit_mm_per_prompt": {"image": 2},
+    }

@@ -1,0 +1,76 @@
+"""Qwen2.5-VL served by vLLM with the flexproj plug-in equals the patched transformers model:
+non-square images (M-RoPE on the pooled grid), mixed budgets in one call, capping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import NEW_TOKENS, engine_kwargs, hf_greedy
+
+from flexproj import target_grid
+from flexproj.testing import tiny_images
+
+PROMPT = "<|vision_start|><|image_pad|><|vision_end|> what color is the circle ?"
+# (width, height), multiples of 16 px: no resizing, so every image processor agrees
+IMAGES = tiny_images([(64, 64), (96, 64), (64, 112), (128, 48)], seed=1)
+IMAGE_PAD = 8  # <|image_pad|> in the tiny vocabulary
+GRIDS = [(4, 4), (4, 6), (7, 4), (3, 8)]  # merged (rows, cols): one unit per 16x16 px
+
+
+def placeholders(tokens: int, image: int) -> int:
+    h, w = target_grid(tokens, GRIDS[image])  # capped at the native grid
+    return h * w
+
+
+@pytest.fixture(scope="module")
+def llm(exported: dict) -> Any:
+    from vllm import LLM
+
+    engine = LLM(model=str(exported["qwen2_5_vl"][2]), **engine_kwargs())
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def greedy() -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+
+
+def request(prompt: str, images: list, tokens: int | None) -> dict:
+    req: dict = {"prompt": prompt, "multi_modal_data": {"image": images}}
+    if tokens is not None:
+        req["mm_processor_kwargs"] = {"tokens": tokens}
+    return req
+
+
+def test_mixed_budgets_non_square_equal_transformers(llm: Any, exported: dict) -> None:
+    model, processor, _ = exported["qwen2_5_vl"]
+    cases = [(4, 0), (6, 1), (12, 1), (16, 2), (1, 2), (100, 2), (8, 3), (24, 3), (16, 0)]
+    assert placeholders(100, 2) == 28 and placeholders(12, 1) == 6  # capped; aspect kept
+    outs = llm.generate([request(PROMPT, IMAGES[i], n) for n, i in cases], greedy())
+    for (n, i), out in zip(cases, outs):
+        assert out.prompt_token_ids.count(IMAGE_PAD) == placeholders(n, i), (n, i)
+        want = hf_greedy(model, processor, PROMPT, [IMAGES[i]], n)
+        assert list(out.outputs[0].token_ids) == want, f"budget {n}, image {i}"
+
+
+def test_default_budget_and_two_images(llm: Any, exported: dict) -> None:
+    model, processor, _ = exported["qwen2_5_vl"]
+    (out,) = llm.generate([request(PROMPT, IMAGES[1], None)], greedy())
+    assert out.prompt_token_ids.count(IMAGE_PAD) == placeholders(16, 1) == 15  # default 16: 3x5
+    assert list(out.outputs[0].token_ids) == hf_greedy(model, processor, PROMPT, [IMAGES[1]], 16)
+    prompt = PROMPT.replace("what", "<|vision_start|><|image_pad|><|vision_end|> what")
+    images = [IMAGES[2], IMAGES[3]]
+    (out,) = llm.generate([request(prompt, images, 6)], greedy())
+    assert list(out.outputs[0].token_ids) == hf_greedy(model, processor, prompt, images, 6)
+
+
+@pytest.mark.parametrize("bad", [0, -3, "8", 1.5])
+def test_bad_budget_fails_that_request_only(llm: Any, exported: dict, bad: object) -> None:
+    model, processor, _ = exported["qwen2_5_vl"]
+    with pytest.raises(ValueError, match="must be a positive int"):
+        llm.generate([request(PROMPT, IMAGES[0], bad)], greedy())  # type: ignore[arg-type]
+    (out,) = llm.generate([request(PROMPT, IMAGES[3], 9)], greedy())
+    assert list(out.outputs[0].token_ids) == hf_greedy(model, processor, PROMPT, [IMAGES[3]], 9)
