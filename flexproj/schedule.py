@@ -25,8 +25,10 @@ __all__ = ["PAPER_TOKENS", "PAPER_WEIGHTS", "TokenSchedule", "parse_schedule"]
 class TokenSchedule:
     """Weighted choice of a budget per step (``fixed(n)`` for a single budget).
 
-    ``per_sample=True`` draws one budget per sample instead (``budgets_for``);
-    batches then mix token counts, which only the adapters that pad per sample support.
+    ``per_sample=True`` draws one budget per sample instead (:meth:`budget_for_sample`),
+    a pure function of ``(seed, step, sample index)``: every rank computes the same draws
+    for the step's global batch and a resumed run repeats them. Batches then mix budgets
+    (``flexproj.tokens([...])``, one per image).
     """
 
     tokens: tuple[int, ...] = PAPER_TOKENS
@@ -82,12 +84,16 @@ class TokenSchedule:
         """The budget for optimisation step ``step`` (same on every rank and resume)."""
         return self._pick(random.Random(f"{self.seed}:{step}").random())
 
-    def budgets_for(self, step: int, batch_size: int) -> list[int]:
-        """One budget per sample (``per_sample``) or the step's budget repeated."""
+    def budget_for_sample(self, step: int, index: int) -> int:
+        """The budget of sample ``index`` of step ``step``'s global batch (``per_sample``)."""
+        return self._pick(random.Random(f"{self.seed}:{step}:sample:{index}").random())
+
+    def budgets_for(self, step: int, batch_size: int, first: int = 0) -> list[int]:
+        """Budgets of samples ``first .. first + batch_size - 1`` of step ``step``'s global
+        batch: one per sample (``per_sample``), or the step's budget repeated."""
         if not self.per_sample:
             return [self.budget_at(step)] * batch_size
-        rng = random.Random(f"{self.seed}:{step}:samples")
-        return [self._pick(rng.random()) for _ in range(batch_size)]
+        return [self.budget_for_sample(step, first + i) for i in range(batch_size)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,17 +104,19 @@ class TokenSchedule:
         }
 
 
-def parse_schedule(spec: str | Sequence[int] | int, seed: int = 0) -> TokenSchedule:
+def parse_schedule(
+    spec: str | Sequence[int] | int, seed: int = 0, per_sample: bool = False
+) -> TokenSchedule:
     """``"64:2,144:3,256:5"``, ``"fixed:256"``, ``"256"``, ``"paper"`` or a list of budgets."""
     if isinstance(spec, int):
-        return TokenSchedule.fixed(spec, seed)
+        return TokenSchedule((spec,), (1.0,), seed, per_sample)
     if not isinstance(spec, str):
-        return TokenSchedule(tuple(spec), (1.0,) * len(spec), seed)
+        return TokenSchedule(tuple(spec), (1.0,) * len(spec), seed, per_sample)
     text = spec.strip()
     if text in ("paper", "tokenflex"):
-        return TokenSchedule(seed=seed)
+        return TokenSchedule(seed=seed, per_sample=per_sample)
     if text.startswith("fixed:"):
-        return TokenSchedule.fixed(int(text.removeprefix("fixed:")), seed)
+        return TokenSchedule((int(text.removeprefix("fixed:")),), (1.0,), seed, per_sample)
     tokens, weights = [], []
     try:
         for part in text.split(","):
@@ -119,4 +127,4 @@ def parse_schedule(spec: str | Sequence[int] | int, seed: int = 0) -> TokenSched
         raise ValueError(
             f"cannot parse token schedule {spec!r}; use e.g. '64:2,144:3,256:5', 'fixed:256' or 'paper'"
         ) from None
-    return TokenSchedule(tuple(tokens), tuple(weights), seed)
+    return TokenSchedule(tuple(tokens), tuple(weights), seed, per_sample)

@@ -95,6 +95,13 @@ class RecipeConfig:
         default=None,
         metadata=_help("Seed of the per-step budget draws (default: --seed)."),
     )
+    per_sample: bool = field(
+        default=False,
+        metadata=_help(
+            "Draw one budget per sample instead of per step (a function of seed, step and the "
+            "sample's index in the step's global batch): every batch mixes budgets."
+        ),
+    )
     init: str = field(
         default="random",
         metadata=_help(
@@ -224,7 +231,9 @@ class RecipeConfig:
     def token_schedule(self, seed: int) -> TokenSchedule:
         """The parsed ``--schedule``; its seed is ``--schedule_seed``, else ``seed``."""
         return parse_schedule(
-            self.schedule, seed=seed if self.schedule_seed is None else self.schedule_seed
+            self.schedule,
+            seed=seed if self.schedule_seed is None else self.schedule_seed,
+            per_sample=self.per_sample,
         )
 
     def processor_options(self) -> dict[str, Any]:

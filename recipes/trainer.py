@@ -109,7 +109,8 @@ class FlexTrainer(Trainer):
         self.image_token_id = image_token_id
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
         self.model_accepts_loss_kwargs = False
-        self._window_budgets: dict[int, int] = {}
+        self._window_budgets: dict[int, list[int]] = {}  # step -> its samples' budgets
+        self._micro_batch: dict[int, int] = {}  # step -> micro-batches seen (per-sample index)
         self._window_vision = 0
         self._vision_total: int | None = None
         budget_dir = Path(str(self.args.output_dir)) / BUDGET_DIR
@@ -129,24 +130,37 @@ class FlexTrainer(Trainer):
     ) -> Any:
         examples = inputs["examples"]
         step = self.state.global_step  # advances after the optimiser step: shared by micro-batches
-        n = self.budget_at(step)
-        with flexproj.tokens(n):
+        budgets = self.sample_budgets(step, len(examples))
+        per_image = [n for ex, n in zip(examples, budgets, strict=True) for _ in ex["images"]]
+        with flexproj.tokens(per_image if len(set(per_image)) > 1 else budgets[0]):
             batch = self._prepare_inputs(self.batcher.train_batch(examples))
             outputs = model(**batch)
         vision = int((batch["input_ids"] == self.image_token_id).sum())
         self._record(
             step,
-            n,
+            budgets,
             sum(len(ex["images"]) for ex in examples),
             vision,
             [ex["id"] for ex in examples],
         )
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
-    def _record(self, step: int, n: int, images: int, vision: int, ids: list[str]) -> None:
-        self._window_budgets[step] = n
+    def sample_budgets(self, step: int, batch_size: int) -> list[int]:
+        """Budgets of this rank's next micro-batch of step ``step``: the step's budget, or
+        (``--per_sample``) each sample's draw by its index in the step's global batch."""
+        micro = self._micro_batch.get(step, 0)
+        self._micro_batch = {step: micro + 1}  # earlier steps are done
+        stride = self.args.per_device_train_batch_size
+        first = (micro * self.args.world_size + self.args.process_index) * stride
+        return self.schedule.budgets_for(step, batch_size, first)
+
+    def _record(
+        self, step: int, budgets: list[int], images: int, vision: int, ids: list[str]
+    ) -> None:
+        self._window_budgets.setdefault(step, []).extend(budgets)
         self._window_vision += vision
-        line = {"step": step + 1, "tokens": n, "images": images, "vision_tokens": vision,
+        tokens: int | list[int] = budgets if self.schedule.per_sample else budgets[0]
+        line = {"step": step + 1, "tokens": tokens, "images": images, "vision_tokens": vision,
                 "rank": self.args.process_index, "ids": ids}  # fmt: skip
         with self.budget_log.open("a") as f:
             f.write(json.dumps(line) + "\n")
@@ -166,7 +180,8 @@ class FlexTrainer(Trainer):
                 ]
                 self._vision_total = int(previous[-1]) if previous else 0
             self._vision_total += int(vision.item())
-            budgets = [self._window_budgets[s] for s in sorted(self._window_budgets)]
+            # a step's budget (the mean of its samples' under --per_sample)
+            budgets = [_mean(self._window_budgets[s]) for s in sorted(self._window_budgets)]
             logs["tokens"] = budgets[-1]
             logs["tokens_mean"] = sum(budgets) / len(budgets)
             logs["vision_tokens"] = int(vision.item())
@@ -222,6 +237,11 @@ class FlexTrainer(Trainer):
             raise ConfigError(
                 f"{file} does not fit this run (different --lora_r / model?): {str(exc).splitlines()[-1].strip()}"
             ) from None
+
+
+def _mean(values: list[int]) -> float | int:
+    mean = sum(values) / len(values)
+    return int(mean) if all(v == values[0] for v in values) else mean
 
 
 # ----------------------------------------------------------------------------- set-up

@@ -330,6 +330,55 @@ def test_two_process_ddp_uses_one_budget_per_step(data, tmp_path):
     ]
 
 
+def _per_sample_draws(out, ranks):
+    """{step: sorted budgets of the step's global batch} from the per-rank budget logs."""
+    draws: dict[int, list[int]] = {}
+    for rank in range(ranks):
+        for line in budgets(out, rank):
+            draws.setdefault(line["step"], []).extend(line["tokens"])
+    return {step: sorted(b) for step, b in draws.items()}
+
+
+def test_per_sample_budgets_mix_within_a_batch(data, tmp_path):
+    """--per_sample: each sample's budget is the schedule's draw for (seed, step, its index
+    in the step's global batch); batches mix budgets; the logs give the mix and the mean."""
+    out = tmp_path / "one"
+    run("llava", args("llava", data, out, "--per_sample", "true",
+                      "--gradient_accumulation_steps", "2", steps=3))  # fmt: skip
+    schedule = parse_schedule(SCHEDULE, seed=42, per_sample=True)
+    lines = budgets(out)
+    assert len(lines) == 6  # 3 steps x 2 micro-batches of 2 samples
+    for i, line in enumerate(lines):
+        step, micro = line["step"] - 1, i % 2
+        assert line["tokens"] == [schedule.budget_for_sample(step, micro * 2 + k) for k in (0, 1)]
+    assert any(len(set(line["tokens"])) > 1 for line in lines), "no batch mixed budgets"
+    for entry, step in zip(logged(out), range(3)):
+        mix = [schedule.budget_for_sample(step, k) for k in range(4)]
+        assert entry["tokens"] == pytest.approx(sum(mix) / 4)
+
+
+@pytest.mark.slow
+def test_per_sample_draws_are_the_same_on_one_and_two_processes(data, tmp_path):
+    one = tmp_path / "one"
+    run("llava", args("llava", data, one, "--per_sample", "true",
+                      "--gradient_accumulation_steps", "2", steps=2))  # fmt: skip
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    two = tmp_path / "two"
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "flexproj.recipes.llava",
+               *args("llava", data, two, "--per_sample", "true", steps=2)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the same global batch of 4 samples per step, split over micro-batches or ranks
+    assert _per_sample_draws(two, 2) == _per_sample_draws(one, 1)
+    schedule = parse_schedule(SCHEDULE, seed=42, per_sample=True)
+    assert _per_sample_draws(one, 1) == {
+        step + 1: sorted(schedule.budget_for_sample(step, k) for k in range(4)) for step in range(2)
+    }
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -91,3 +91,16 @@ def test_parse_schedule():
 def test_bad_schedules(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TokenSchedule(**kwargs)
+
+
+def test_per_sample_draws_are_a_function_of_seed_step_and_index():
+    schedule = TokenSchedule(seed=5, per_sample=True)
+    table = {(s, i): schedule.budget_for_sample(s, i) for s in range(50) for i in range(8)}
+    shuffled = list(table)
+    random.Random(0).shuffle(shuffled)
+    assert all(schedule.budget_for_sample(s, i) == table[s, i] for s, i in shuffled)
+    assert schedule.budgets_for(7, 3, first=2) == [table[7, 2], table[7, 3], table[7, 4]]
+    assert len({table[s, i] for s in range(50) for i in range(8)}) == 3
+    assert any(len({table[s, i] for i in range(8)}) > 1 for s in range(50))  # batches mix
+    step_wise = TokenSchedule(seed=5)
+    assert step_wise.budgets_for(7, 3, first=2) == [step_wise.budget_at(7)] * 3
