@@ -104,6 +104,14 @@ class FlexTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            # accelerate enables FSDP on accelerators only; on CPU it would train plain DDP
+            raise ConfigError(
+                f"--fsdp was given but accelerate runs this job as "
+                f"{self.accelerator.distributed_type.value} without FSDP (accelerate "
+                "enables FSDP on GPUs and other accelerators only, not on CPU processes). "
+                "Drop --fsdp to train with DDP, or run on accelerators."
+            )
         self.batcher = batcher
         self.schedule = schedule
         self.image_token_id = image_token_id

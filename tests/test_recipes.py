@@ -379,6 +379,22 @@ def test_per_sample_draws_are_the_same_on_one_and_two_processes(data, tmp_path):
     }
 
 
+@pytest.mark.slow
+def test_fsdp_on_cpu_processes_is_refused_not_silently_ddp(data, tmp_path):
+    """accelerate turns --fsdp into plain DDP on CPU processes without a word; the recipe
+    says so and stops instead of training something other than what was asked."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "flexproj.recipes.llava",
+               *args("llava", data, tmp_path, "--fsdp", "full_shard", steps=1)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "--fsdp was given but accelerate runs this job as" in done.stderr + done.stdout
+    assert not (tmp_path / "flexproj.safetensors").exists()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
