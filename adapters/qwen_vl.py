@@ -236,6 +236,10 @@ class Qwen2VLAdapter(FamilyAdapter):
     def projector_slot(self, model: nn.Module) -> tuple[nn.Module, str]:
         return self.base(model).visual, "merger"
 
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        tower: nn.Module = self.base(model).visual
+        return tower
+
     def projector_dims(self, model: nn.Module) -> tuple[int, int]:
         return self.vision_width(model), int(_config(model).text_config.hidden_size)
 

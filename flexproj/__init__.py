@@ -9,6 +9,7 @@ placeholders in step, and pick the number of vision tokens per call::
 """
 
 from flexproj._version import __version__
+from flexproj.adaptive import AdaptiveOutput, adaptive_generate
 from flexproj.budget import current_tokens, tokens
 from flexproj.checkpoint import from_pretrained, save_pretrained
 from flexproj.errors import (
@@ -36,6 +37,7 @@ from flexproj.projector import FlexProjector
 from flexproj.registry import FamilyUnavailable, supported_models
 
 __all__ = [
+    "AdaptiveOutput",
     "BackendUnavailable",
     "BudgetError",
     "CheckpointError",
@@ -47,6 +49,7 @@ __all__ = [
     "TokenCountMismatch",
     "UnsupportedModelError",
     "__version__",
+    "adaptive_generate",
     "available_backends",
     "current_tokens",
     "disabled",

@@ -295,6 +295,11 @@ class FamilyAdapter(abc.ABC):
         """The inner ``*Model`` that owns the vision tower and ``get_placeholder_mask``."""
         return model.model if hasattr(model, "model") and hasattr(model, "lm_head") else model
 
+    def vision_tower(self, model: Model) -> nn.Module:
+        """The vision encoder (what :func:`flexproj.encoder_cache.vision_cache` caches)."""
+        tower: nn.Module = self.base(model).vision_tower
+        return tower
+
     # --- shared behaviour -------------------------------------------------
     def accepts(self, model: Model) -> bool:
         return isinstance(model, self.model_classes)
