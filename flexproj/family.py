@@ -297,7 +297,8 @@ class FamilyAdapter(abc.ABC):
 
     def vision_tower(self, model: Model) -> nn.Module:
         """The vision encoder (what :func:`flexproj.encoder_cache.vision_cache` caches)."""
-        tower: nn.Module = self.base(model).vision_tower
+        base: Model = self.base(model)
+        tower: nn.Module = base.vision_tower
         return tower
 
     # --- shared behaviour -------------------------------------------------

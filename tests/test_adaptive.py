@@ -3,6 +3,8 @@ and give a batch the answers its samples get alone; every family, both projector
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -32,7 +34,7 @@ def run(model, processor, texts, images, threshold):
 def split_threshold(confidences: list[float]) -> float:
     """A threshold halfway between two first-rung confidences: some samples pass, some not."""
     ordered = sorted(confidences)
-    gaps = [(b - a, (a + b) / 2) for a, b in zip(ordered, ordered[1:])]
+    gaps = [(b - a, (a + b) / 2) for a, b in itertools.pairwise(ordered)]
     return max(gaps)[1]
 
 
@@ -46,7 +48,7 @@ def test_a_sample_escalates_exactly_when_unsure(family, mode):
     got = run(model, processor, texts, images, threshold)
     for i, steps in enumerate(got.history):
         visited = len(steps)
-        for budget, conf in steps[:-1]:
+        for _, conf in steps[:-1]:
             assert conf < threshold  # left a rung only when unsure
         last_budget, last_conf = steps[-1]
         assert last_conf >= threshold or last_budget == LADDER[-1]
