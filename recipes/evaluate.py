@@ -39,6 +39,7 @@ import torch
 
 import flexproj
 from flexproj._types import Model
+from flexproj.adaptive import answer_confidence
 from flexproj.errors import BudgetError, FlexprojError
 
 __all__ = [
@@ -182,6 +183,7 @@ def evaluate_model(
         prefill: list[float] = []  # seconds per sample, one entry per batch
         by_kind: dict[str, list[int]] = {}
         examples_out: list[dict[str, str]] = []
+        per_sample: list[dict[str, Any]] = []  # what flexproj eval --auto sweeps
         with flexproj.tokens(n):
             bar = tqdm(starts, desc=f"{run.label} N={n}", disable=not progress, leave=False)
             for b, start in enumerate(bar):
@@ -210,13 +212,24 @@ def evaluate_model(
                     do_sample=False,
                     eos_token_id=stop,
                     pad_token_id=batcher.pad_id,
+                    output_scores=True,
+                    return_dict_in_generate=True,
                 )
-                new = generated[:, prompts["input_ids"].shape[1] :]
-                for ids, ref, ex in zip(new.tolist(), answers, examples, strict=True):
+                new = generated.sequences[:, prompts["input_ids"].shape[1] :]
+                confidence = answer_confidence(generated.scores, new, stop).tolist()
+                row_vision = (prompts["input_ids"] == image_token).sum(-1).tolist()
+                for row, (ids, ref, ex) in enumerate(
+                    zip(new.tolist(), answers, examples, strict=True)
+                ):
                     cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))  # end of turn
                     answer = tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
                     hit = normalize_answer(answer) == normalize_answer(ref)
                     correct += hit
+                    per_sample.append({
+                        "id": ex["id"], "kind": ex.get("kind"), "hit": bool(hit),
+                        "confidence": confidence[row],
+                        "vision_tokens_per_image": row_vision[row] / max(1, len(ex["images"])),
+                    })  # fmt: skip
                     if ex.get("kind") is not None:
                         by_kind.setdefault(str(ex["kind"]), []).append(int(hit))
                     if len(examples_out) < 5:
@@ -233,6 +246,7 @@ def evaluate_model(
             "samples": samples,
             "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
             "examples": examples_out,
+            "per_sample": per_sample,
         }
         say(
             f"{run.label}: N={n:>4} vision tokens/sample {result['vision_tokens_per_sample']:.1f}  "
@@ -241,6 +255,81 @@ def evaluate_model(
         )
         results.append(result)
     return results
+
+
+# ----------------------------------------------------------------------------- automatic budget
+
+
+def auto_sweep(results: Sequence[dict[str, Any]], margin: float = 0.01) -> dict[str, Any]:
+    """What :func:`flexproj.adaptive_generate` would do on this set, for every threshold.
+
+    ``results``: one run's per-budget results (with ``per_sample``), the budgets being the
+    ladder. A sample answers at the first budget whose answer's confidence reaches the
+    threshold (else the largest), exactly as ``adaptive_generate`` decides; its cost is the
+    vision tokens of every rung it went through. Returns every threshold's accuracy and
+    mean tokens, the Pareto front with the fixed budgets, and the cheapest threshold whose
+    accuracy is within ``margin`` of the largest budget's.
+    """
+    ladder = sorted(results, key=lambda r: r["tokens"])
+    rungs = [r["per_sample"] for r in ladder]
+    n = len(rungs[0])
+    if not n or any(len(r) != n for r in rungs):
+        raise EvalError("auto sweep: every budget must have scored the same samples")
+    grid = {round(i / 20, 2) for i in range(21)}
+    thresholds = sorted(grid | {s["confidence"] for rung in rungs for s in rung} | {1.01})
+    points = []
+    for t in thresholds:
+        hits, answered, spent = 0, 0.0, 0.0
+        chosen: dict[int, int] = {}
+        by_kind: dict[str, list[int]] = {}
+        for i in range(n):
+            for level, (result, rung) in enumerate(zip(ladder, rungs, strict=True)):
+                sample = rung[i]
+                spent += sample["vision_tokens_per_image"]
+                if sample["confidence"] >= t or level == len(ladder) - 1:
+                    break
+            hits += sample["hit"]
+            answered += sample["vision_tokens_per_image"]
+            chosen[result["tokens"]] = chosen.get(result["tokens"], 0) + 1
+            if sample.get("kind") is not None:
+                by_kind.setdefault(str(sample["kind"]), []).append(result["tokens"])
+        points.append({
+            "threshold": t,
+            "accuracy": hits / n,
+            "vision_tokens_per_image": answered / n,
+            "vision_tokens_per_image_spent": spent / n,
+            "answered_at": dict(sorted(chosen.items())),
+            "mean_budget_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+        })  # fmt: skip
+    fixed = [
+        {
+            "tokens": r["tokens"],
+            "accuracy": r["accuracy"],
+            "vision_tokens_per_image": sum(s["vision_tokens_per_image"] for s in r["per_sample"])
+            / n,
+        }
+        for r in ladder
+    ]
+    target = fixed[-1]["accuracy"] - margin
+    within = [p for p in points if p["accuracy"] >= target]
+    best = min(within, key=lambda p: (p["vision_tokens_per_image_spent"], -p["accuracy"]))
+    candidates = [("fixed", f["vision_tokens_per_image"], f["accuracy"], f) for f in fixed] + [
+        ("auto", p["vision_tokens_per_image_spent"], p["accuracy"], p) for p in points
+    ]
+    pareto = [
+        {"kind": kind, **entry}
+        for kind, cost, acc, entry in candidates
+        if not any(
+            c2 <= cost and a2 >= acc and (c2, a2) != (cost, acc) for _, c2, a2, _ in candidates
+        )
+    ]
+    return {
+        "margin": margin,
+        "thresholds": points,
+        "fixed": fixed,
+        "chosen": best,
+        "pareto": pareto,
+    }
 
 
 # ----------------------------------------------------------------------------- reports
@@ -272,7 +361,50 @@ def write_report(report: dict[str, Any], output_dir: str | Path) -> dict[str, Pa
                 f"| {run['label']} | {r['tokens']} | {r['vision_tokens_per_sample']:.1f} | {r['loss']:.4f} "
                 f"| {r['accuracy']:.3f} | {r['prefill_ms_per_sample']:.2f} |"
             )
+    autos = [run for run in report["runs"] if "auto" in run]
+    for run in autos:
+        auto = run["auto"]
+        chosen = auto["chosen"]
+        lines += [
+            "",
+            f"## {run['label']}: automatic budget (flexproj.adaptive_generate, ladder "
+            f"{[f['tokens'] for f in auto['fixed']]})",
+            "",
+            f"Chosen threshold {chosen['threshold']:.3f} (the cheapest within "
+            f"{100 * auto['margin']:.1f} points of the largest budget): accuracy "
+            f"{chosen['accuracy']:.3f} at {chosen['vision_tokens_per_image_spent']:.1f} vision tokens "
+            f"per image spent ({chosen['vision_tokens_per_image']:.1f} in the answering rung); "
+            f"answered at {chosen['answered_at']}; mean budget by question kind "
+            f"{chosen['mean_budget_by_kind']}.",
+            "",
+            "| point | threshold / N | accuracy | vision tokens / image |",
+            "|---|---:|---:|---:|",
+        ]
+        for p in auto["pareto"]:
+            label = p["tokens"] if p["kind"] == "fixed" else f"{p['threshold']:.3f}"
+            cost = p.get("vision_tokens_per_image_spent", p["vision_tokens_per_image"])
+            lines.append(f"| {p['kind']} | {label} | {p['accuracy']:.3f} | {cost:.1f} |")
     paths["markdown"].write_text("\n".join(lines) + "\n")
+    if autos:
+        paths["auto_plot"] = out / "eval_auto.png"
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for run in autos:
+            auto = run["auto"]
+            points = sorted(auto["thresholds"], key=lambda p: p["vision_tokens_per_image_spent"])
+            ax.plot([p["vision_tokens_per_image_spent"] for p in points],
+                    [p["accuracy"] for p in points], alpha=0.6, label=f"{run['label']} auto")  # fmt: skip
+            ax.plot([f["vision_tokens_per_image"] for f in auto["fixed"]],
+                    [f["accuracy"] for f in auto["fixed"]], "o", label=f"{run['label']} fixed N")  # fmt: skip
+            chosen = auto["chosen"]
+            ax.plot([chosen["vision_tokens_per_image_spent"]], [chosen["accuracy"]], "*",
+                    markersize=12, label=f"{run['label']} chosen threshold")  # fmt: skip
+        ax.set_xlabel("vision tokens per image (auto: every rung spent)")
+        ax.set_ylabel("accuracy (exact match)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(paths["auto_plot"], dpi=120)
+        plt.close(fig)
 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for run in report["runs"]:
@@ -311,8 +443,13 @@ def evaluate(
     device: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    auto: bool = False,
+    auto_margin: float = 0.01,
 ) -> dict[str, Any]:
-    """Evaluate every run at every budget; writes the reports and returns the JSON report."""
+    """Evaluate every run at every budget; writes the reports and returns the JSON report.
+
+    ``auto``: also the automatic budget's calibration per run (:func:`auto_sweep` over the
+    budgets as the ladder)."""
     from flexproj.recipes.data import ConversationDataset
 
     if not runs:
@@ -349,14 +486,22 @@ def evaluate(
             progress=progress,
             log=log,
         )
-        report["runs"].append(
-            {
-                "label": run.label,
-                "run": str(run.path),
-                "model": run.info.get("model", model),
-                "results": results,
-            }
-        )
+        entry = {
+            "label": run.label,
+            "run": str(run.path),
+            "model": run.info.get("model", model),
+            "results": results,
+        }
+        if auto:
+            entry["auto"] = auto_sweep(results, auto_margin)
+            chosen = entry["auto"]["chosen"]
+            (log or print)(
+                f"{run.label}: auto threshold {chosen['threshold']:.3f}: accuracy "
+                f"{chosen['accuracy']:.3f} at {chosen['vision_tokens_per_image_spent']:.1f} vision "
+                f"tokens per image (largest budget: {results[-1]['accuracy']:.3f} at "
+                f"{entry['auto']['fixed'][-1]['vision_tokens_per_image']:.1f})"
+            )
+        report["runs"].append(entry)
         del run
     paths = write_report(report, output_dir)
     (log or print)(f"wrote {', '.join(str(p) for p in paths.values())}")

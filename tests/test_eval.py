@@ -125,3 +125,62 @@ def test_eval_errors(runs, tmp_path):
 )
 def test_normalize_answer(text, expected):
     assert normalize_answer(text) == expected
+
+
+def _sample(hit, confidence, tokens, kind):
+    return {"id": "x", "kind": kind, "hit": hit, "confidence": confidence,
+            "vision_tokens_per_image": tokens}  # fmt: skip
+
+
+def test_auto_sweep_decides_as_adaptive_generate_does():
+    from flexproj.recipes.evaluate import auto_sweep
+
+    # three samples on a 4 / 16 ladder: (hit, confidence) at 4, then at 16
+    at4 = [_sample(True, 0.9, 4, "colour"), _sample(False, 0.3, 4, "position"),
+           _sample(False, 0.6, 4, "position")]  # fmt: skip
+    at16 = [_sample(True, 0.95, 16, "colour"), _sample(True, 0.8, 16, "position"),
+            _sample(False, 0.7, 16, "position")]  # fmt: skip
+    results = [
+        {"tokens": 16, "accuracy": 2 / 3, "per_sample": at16},  # any order: sorted by budget
+        {"tokens": 4, "accuracy": 1 / 3, "per_sample": at4},
+    ]
+    sweep = auto_sweep(results, margin=0.0)
+    point = {round(p["threshold"], 2): p for p in sweep["thresholds"]}
+    assert point[0.0]["accuracy"] == pytest.approx(1 / 3)  # nobody escalates
+    assert point[0.0]["vision_tokens_per_image_spent"] == 4
+    # threshold 0.5: the 0.3 sample escalates (and is right at 16); 0.6 and 0.9 stay
+    assert point[0.5]["accuracy"] == pytest.approx(2 / 3)
+    assert point[0.5]["answered_at"] == {4: 2, 16: 1}
+    assert point[0.5]["vision_tokens_per_image_spent"] == pytest.approx((4 + 20 + 4) / 3)
+    assert point[0.5]["mean_budget_by_kind"] == {"colour": 4, "position": 10}
+    assert point[1.0]["answered_at"] == {16: 3}  # every answer escalates
+    # the cheapest threshold reaching the largest budget's accuracy (2/3) is 0.3 < t <= 0.6
+    assert sweep["chosen"]["accuracy"] == pytest.approx(2 / 3)
+    assert 0.3 < sweep["chosen"]["threshold"] <= 0.6
+    assert sweep["fixed"] == [
+        {"tokens": 4, "accuracy": 1 / 3, "vision_tokens_per_image": 4},
+        {"tokens": 16, "accuracy": 2 / 3, "vision_tokens_per_image": 16},
+    ]
+    front = {(p["kind"], p.get("tokens", p.get("threshold"))) for p in sweep["pareto"]}
+    assert ("fixed", 4) in front and ("fixed", 16) not in front  # auto beats fixed-16
+
+
+def test_eval_auto_writes_the_calibration(runs, tmp_path, capsys):
+    from flexproj.cli import main
+
+    dirs, test = runs
+    out = tmp_path / "report"
+    argv = ["eval", "--run", str(dirs["flex"]), "--data", str(test), "--tokens", "4", "16",
+            "--output_dir", str(out), "--max_new_tokens", "3", "--prefill_repeats", "1",
+            "--no_progress", "--auto"]  # fmt: skip
+    assert main(argv) == 0
+    assert "auto threshold" in capsys.readouterr().out
+    run = json.loads((out / "eval.json").read_text())["runs"][0]
+    auto, results = run["auto"], run["results"]
+    by_t = {p["threshold"]: p for p in auto["thresholds"]}
+    assert by_t[0.0]["accuracy"] == results[0]["accuracy"]  # nobody escalates
+    assert by_t[1.01]["accuracy"] == results[1]["accuracy"]  # everybody does
+    assert auto["chosen"]["accuracy"] >= results[1]["accuracy"] - 0.01
+    assert "automatic budget" in (out / "eval.md").read_text()
+    with Image.open(out / "eval_auto.png") as image:
+        assert image.format == "PNG"

@@ -44,6 +44,14 @@ def register(subparsers: Any) -> None:
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--auto", action="store_true",
+        help="also calibrate flexproj.adaptive_generate: sweep confidence thresholds over the "
+        "--tokens ladder (accuracy and vision tokens per image next to every fixed budget)",
+    )  # fmt: skip
+    parser.add_argument("--auto_margin", type=float, default=0.01,
+                        help="accuracy the chosen threshold may lose against the largest budget "
+                        "(default 0.01 = 1 point)")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -70,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device=args.device,
             progress=not args.no_progress,
+            auto=args.auto,
+            auto_margin=args.auto_margin,
         )
     except FlexprojError as exc:
         print(f"error: {exc}", file=sys.stderr)
