@@ -277,22 +277,27 @@ def auto_sweep(results: Sequence[dict[str, Any]], margin: float = 0.01) -> dict[
         raise EvalError("auto sweep: every budget must have scored the same samples")
     grid = {round(i / 20, 2) for i in range(21)}
     thresholds = sorted(grid | {s["confidence"] for rung in rungs for s in rung} | {1.01})
-    points = []
+
+    def answering_level(i: int, t: float) -> int:
+        """The rung that answers sample ``i`` at threshold ``t``."""
+        return next(
+            (lv for lv, rung in enumerate(rungs) if rung[i]["confidence"] >= t), len(rungs) - 1
+        )
+
+    points: list[dict[str, Any]] = []
     for t in thresholds:
         hits, answered, spent = 0, 0.0, 0.0
         chosen: dict[int, int] = {}
         by_kind: dict[str, list[int]] = {}
         for i in range(n):
-            for level, (result, rung) in enumerate(zip(ladder, rungs, strict=True)):
-                sample = rung[i]
-                spent += sample["vision_tokens_per_image"]
-                if sample["confidence"] >= t or level == len(ladder) - 1:
-                    break
+            level = answering_level(i, t)
+            sample, budget = rungs[level][i], ladder[level]["tokens"]
+            spent += sum(rung[i]["vision_tokens_per_image"] for rung in rungs[: level + 1])
             hits += sample["hit"]
             answered += sample["vision_tokens_per_image"]
-            chosen[result["tokens"]] = chosen.get(result["tokens"], 0) + 1
+            chosen[budget] = chosen.get(budget, 0) + 1
             if sample.get("kind") is not None:
-                by_kind.setdefault(str(sample["kind"]), []).append(result["tokens"])
+                by_kind.setdefault(str(sample["kind"]), []).append(budget)
         points.append({
             "threshold": t,
             "accuracy": hits / n,
@@ -486,20 +491,20 @@ def evaluate(
             progress=progress,
             log=log,
         )
-        entry = {
+        entry: dict[str, Any] = {
             "label": run.label,
             "run": str(run.path),
             "model": run.info.get("model", model),
             "results": results,
         }
         if auto:
-            entry["auto"] = auto_sweep(results, auto_margin)
-            chosen = entry["auto"]["chosen"]
+            sweep = entry["auto"] = auto_sweep(results, auto_margin)
+            chosen = sweep["chosen"]
             (log or print)(
                 f"{run.label}: auto threshold {chosen['threshold']:.3f}: accuracy "
                 f"{chosen['accuracy']:.3f} at {chosen['vision_tokens_per_image_spent']:.1f} vision "
                 f"tokens per image (largest budget: {results[-1]['accuracy']:.3f} at "
-                f"{entry['auto']['fixed'][-1]['vision_tokens_per_image']:.1f})"
+                f"{sweep['fixed'][-1]['vision_tokens_per_image']:.1f})"
             )
         report["runs"].append(entry)
         del run
