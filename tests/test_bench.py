@@ -234,3 +234,27 @@ def test_bench_train_quick(tmp_path):
 def test_bench_without_subcommand_prints_help(capsys):
     assert main(["bench"]) == 2
     assert "kernels" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+def test_bench_budgets_quick(tmp_path):
+    out = tmp_path / "budgets"
+    args = ["bench", "budgets", "--quick", "--repeats", "1", "--threads", "1", "--new-tokens", "2"]
+    assert main([*args, "--out", str(out)]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["bench"] == "budgets"
+    assert payload["config"]["budgets"] == [64, 64, 144, 144, 256, 256, 576, 576]
+    assert set(payload["seconds"]) == {
+        "mixed batch", "grouped per budget", "one at a time", "patched prefill",
+        "direct prefill", "auto ladder", "largest budget",
+    }  # fmt: skip
+    assert all(s > 0 for s in payload["seconds"].values())
+    for name, value in payload["ratios"].items():
+        assert positive(value), name
+    # the median first-rung confidence splits the requests: some stay low, some climb
+    answered = payload["auto_answered_at"]
+    assert len(answered) == 8 and set(answered) <= {64, 144, 256}
+    assert min(answered) == 64 and max(answered) > 64
+    assert "patched / direct prefill" in (out / "results.md").read_text()

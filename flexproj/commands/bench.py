@@ -1,4 +1,4 @@
-"""``flexproj bench {kernels,e2e,train,serve}``: performance benchmarks (see docs/BENCHMARKS.md)."""
+"""``flexproj bench {kernels,e2e,train,serve,budgets}``: performance benchmarks (see docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ SUBCOMMANDS = {
     "e2e": "prefill / decode latency and KV-cache bytes per token budget, per model family",
     "train": "training step time, peak memory, vision tokens: fixed 256 vs the 2:3:5 schedule",
     "serve": "vLLM requests/s and time to first token per budget (needs the vLLM plug-in env)",
+    "budgets": "per-image budgets in one batch vs grouped / one at a time, flexproj's prefill "
+    "overhead, adaptive_generate vs the largest budget",
 }
 
 
