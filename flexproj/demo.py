@@ -177,7 +177,8 @@ def build_model(cfg: DemoConfig, seed: int) -> tuple[nn.Module, Any]:
     flexproj.patch(model, processor, tokens=max(cfg.train_tokens), kernel="eager")
     processor.tokenizer.padding_side = "right"  # answer positions: last real token
     if not cfg.train_vision:
-        model.model.vision_tower.requires_grad_(False)
+        llava: Any = model
+        llava.model.vision_tower.requires_grad_(False)
     return model, processor
 
 
@@ -945,12 +946,12 @@ class ConvertConfig:
     @property
     def flex_schedule(self) -> str:
         return ",".join(
-            f"{n}:{w:g}" for n, w in zip(self.train_tokens, self.flex_weights, strict=True)
+            f"{n}:{w:g}" for n, w in zip(self.train_tokens or (), self.flex_weights, strict=True)
         )
 
     def rows(self) -> list[str]:
         """Table rows, in order (fixed-N: one per training budget)."""
-        fixed = [f"fixed_{n}" for n in self.train_tokens]
+        fixed = [f"fixed_{n}" for n in self.train_tokens or ()]
         return [*ROW_LABELS, *fixed]
 
 
@@ -1030,11 +1031,12 @@ def write_base_model(cfg: ConvertConfig, seed: int, out: Path) -> tuple[str, str
     """
     if cfg.family == "llava":
         model, processor = build_base(DemoConfig(image_size=cfg.image_size or 96), seed)
-        model.save_pretrained(str(out))
+        llava: Any = model
+        llava.save_pretrained(str(out))
         processor.save_pretrained(str(out))
         return str(out), None
-    model, _ = tiny_vlm(cfg.family, seed=seed, extra_words=list(VOCAB))
-    model.save_pretrained(str(out))
+    tiny, _ = tiny_vlm(cfg.family, seed=seed, extra_words=list(VOCAB))
+    tiny.save_pretrained(str(out))
     return f"tiny:{cfg.family}", str(out)
 
 
@@ -1158,7 +1160,7 @@ DEPENDS = {"stock": (), "distilled": ("stock",), "pool_after_flex": ("stock",)}
 
 def _tasks(cfg: ConvertConfig) -> list[str]:
     recipe_rows = ["tokenflex_align", "tokenflex_finetune", "pool_after_flex"]
-    return ["stock", "distilled", *recipe_rows, *(f"fixed_{n}" for n in cfg.train_tokens)]
+    return ["stock", "distilled", *recipe_rows, *(f"fixed_{n}" for n in cfg.train_tokens or ())]
 
 
 def _depends(task: str) -> tuple[str, ...]:
