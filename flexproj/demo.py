@@ -172,6 +172,18 @@ def quick_config(**overrides: Any) -> DemoConfig:
 
 def build_model(cfg: DemoConfig, seed: int) -> tuple[nn.Module, Any]:
     """A tiny LLaVA with a patched FlexProjector and processor, initialised from ``seed``."""
+    model, processor = build_base(cfg, seed)
+    torch.manual_seed(seed)  # the new projector's weights come from this seed too
+    flexproj.patch(model, processor, tokens=max(cfg.train_tokens), kernel="eager")
+    processor.tokenizer.padding_side = "right"  # answer positions: last real token
+    if not cfg.train_vision:
+        llava: Any = model
+        llava.model.vision_tower.requires_grad_(False)
+    return model, processor
+
+
+def build_base(cfg: DemoConfig, seed: int) -> tuple[nn.Module, Any]:
+    """The demo's tiny stock LLaVA (unpatched, stock projector) and its processor."""
     hidden = cfg.text_hidden
     model, processor = tiny_vlm(
         "llava",
@@ -200,11 +212,6 @@ def build_model(cfg: DemoConfig, seed: int) -> tuple[nn.Module, Any]:
         _set_sincos_positions(model, cfg.grid_side)
     elif cfg.vision_pos != "random":
         raise ValueError(f"vision_pos must be 'sincos' or 'random', got {cfg.vision_pos!r}")
-    torch.manual_seed(seed)  # the new projector's weights come from this seed too
-    flexproj.patch(model, processor, tokens=max(cfg.train_tokens), kernel="eager")
-    processor.tokenizer.padding_side = "right"  # answer positions: last real token
-    if not cfg.train_vision:
-        model.model.vision_tower.requires_grad_(False)
     return model, processor
 
 
@@ -819,6 +826,638 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.suptitle(
         f"flexproj demo: tiny LLaVA, native {results['native_tokens']} tokens, "
         f"{seeds} seed(s), error bars = std over seeds",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ============================================================================= conversion
+#
+# The default experiment: convert a VLM someone already trained. A tiny VLM is trained
+# the way its family is trained, with its stock projector at its native budget (the
+# recipe with --projector stock --schedule fixed:<native>); then each conversion row
+# starts from that model's weights, through the same code users run: the family recipe
+# and its trainer (flexproj.recipes.trainer), the distiller (flexproj.recipes.distill)
+# and the evaluator (flexproj.recipes.evaluate).
+
+#: per family: recipe, tiny model, image size (the board's cells must be resolvable at the
+#: native grid), native tokens, training budgets (the paper's 1/9, 1/4, 4/9 of the native
+#: grid where the grid allows) and evaluation budgets
+FAMILY_SETUPS: dict[str, dict[str, Any]] = {
+    "llava": {
+        "recipe": "llava",
+        "image_size": 96,
+        "native": 144,
+        "train_tokens": (16, 36, 64),
+        "eval_tokens": (4, 9, 16, 25, 36, 49, 64, 100, 144),
+    },
+    "qwen2_5_vl": {
+        "recipe": "qwen_vl",
+        "image_size": 96,
+        "native": 36,  # 96 px: 12x12 patches, 6x6 merged units
+        "train_tokens": (4, 9, 16),
+        "eval_tokens": (1, 4, 9, 16, 25, 36),
+    },
+    "internvl": {
+        "recipe": "internvl",
+        "image_size": 64,
+        "native": 16,  # one 64 px tile: 8x8 ViT grid, 4x4 after pixel shuffle
+        "train_tokens": (1, 4, 9),
+        "eval_tokens": (1, 4, 9, 16),
+    },
+}
+
+ROW_LABELS = {
+    "stock": "stock (native budget)",
+    "pool_after": "stock + pool-after, no training",
+    "distilled": "distilled FlexProjector, no LLM training",
+    "tokenflex_align": "TokenFLEX: distilled + flex recipe (align)",
+    "tokenflex_finetune": "TokenFLEX: distilled + flex recipe (finetune)",
+    "pool_after_flex": "pool-after + flex recipe (align)",
+}
+
+
+@dataclass
+class ConvertConfig:
+    """Everything the conversion run depends on (written into ``results.json``)."""
+
+    family: str = "llava"
+    # the stock reference: projector + LLM trained at the native budget from a random init
+    stock_steps: int = 800
+    stock_lr: float = 3e-3
+    # conversion: K optimiser steps per recipe row (a fraction of the stock training)
+    convert_steps: int = 160  # 20% of the stock training
+    align_lr: float = 3e-3
+    finetune_lr: float = 1e-3
+    distill_steps: int = 100
+    distill_lr: float = 3e-3
+    batch_size: int = 24
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    flex_weights: tuple[float, ...] = (2.0, 3.0, 5.0)
+    # None: the family's (FAMILY_SETUPS)
+    train_tokens: tuple[int, ...] | None = None
+    eval_tokens: tuple[int, ...] | None = None
+    image_size: int | None = None
+    kinds: tuple[str, ...] = ("colour", "position")
+    board: int = 4
+    eval_per_kind: int = 100
+    eval_batch_size: int = 100
+    eval_seed: int = 1_000_003
+    data_seed: int = 7
+    seeds: int = 3
+    # torch threads per task: one (two one-thread workers beat one two-thread process on
+    # these tiny tensors, and a busy machine punishes oversubscription hard)
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILY_SETUPS:
+            raise ValueError(f"family must be one of {sorted(FAMILY_SETUPS)}, got {self.family!r}")
+        setup = FAMILY_SETUPS[self.family]
+        self.kinds = tuple(self.kinds)
+        self.flex_weights = tuple(self.flex_weights)
+        self.train_tokens = tuple(self.train_tokens or setup["train_tokens"])
+        self.image_size = self.image_size or setup["image_size"]
+        native = self.native_tokens
+        self.eval_tokens = tuple(
+            sorted({*(self.eval_tokens or setup["eval_tokens"]), *self.train_tokens, native})
+        )
+        for n in self.eval_tokens:
+            if not 0 < n <= native:
+                raise ValueError(f"budget {n} is outside 1..{native} (the native grid)")
+        if len(self.flex_weights) != len(self.train_tokens):
+            raise ValueError("one flexible-schedule weight per training budget")
+        if self.seeds < 1 or min(self.stock_steps, self.convert_steps, self.distill_steps) < 1:
+            raise ValueError("seeds and steps must be at least 1")
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown question kinds {sorted(unknown)}; choose from {KINDS}")
+
+    @property
+    def native_tokens(self) -> int:
+        return int(FAMILY_SETUPS[self.family]["native"])
+
+    @property
+    def recipe(self) -> str:
+        return str(FAMILY_SETUPS[self.family]["recipe"])
+
+    @property
+    def flex_schedule(self) -> str:
+        return ",".join(
+            f"{n}:{w:g}" for n, w in zip(self.train_tokens or (), self.flex_weights, strict=True)
+        )
+
+    def rows(self) -> list[str]:
+        """Table rows, in order (fixed-N: one per training budget)."""
+        fixed = [f"fixed_{n}" for n in self.train_tokens or ()]
+        return [*ROW_LABELS, *fixed]
+
+
+def quick_convert_config(**overrides: Any) -> ConvertConfig:
+    """A smoke run (tests): few steps, a small eval set, one seed."""
+    base: dict[str, Any] = {
+        "stock_steps": 30,
+        "convert_steps": 8,
+        "distill_steps": 6,
+        "batch_size": 8,
+        "eval_per_kind": 8,
+        "eval_batch_size": 16,
+        "seeds": 1,
+    }
+    base.update(overrides)
+    return ConvertConfig(**base)
+
+
+def row_label(row: str) -> str:
+    if row.startswith("fixed_"):
+        return f"fixed-{row.removeprefix('fixed_')}: distilled + fixed recipe (align)"
+    return ROW_LABELS[row]
+
+
+# ----------------------------------------------------------------------------- data, base models
+
+
+def _write_split(samples: Sequence[Sample], out: Path, name: str, prefix: str) -> Path:
+    """PNGs + LLaVA JSON, question first (``"{question} <image>"``: see docs/DEMO.md)."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, sample in enumerate(samples):
+        rel = f"images/{prefix}{i:06d}.png"
+        sample.image.save(out / rel)
+        records.append(
+            {
+                "id": f"{prefix}{i:06d}",
+                "image": rel,
+                "conversations": [
+                    {"from": "human", "value": f"{sample.question} <image>"},
+                    {"from": "gpt", "value": sample.answer},
+                ],
+                "kind": sample.kind,
+            }
+        )
+    path = out / name
+    path.write_text(json.dumps(records))
+    return path
+
+
+def write_convert_data(cfg: ConvertConfig, out: Path) -> tuple[Path, Path]:
+    """Training data (one fresh sample per image of the stock training; the conversion rows
+    read its first K steps' worth) and the held-out evaluation set."""
+    assert cfg.image_size is not None
+    size, board = cfg.image_size, cfg.board
+    rng = random.Random(f"convert-train:{cfg.data_seed}")
+    kinds = cfg.kinds
+    train = [
+        make_sample(rng, kinds[i % len(kinds)], size, board)
+        for i in range(cfg.stock_steps * cfg.batch_size)
+    ]
+    rng = random.Random(f"convert-eval:{cfg.eval_seed}")
+    held_out = [
+        make_sample(rng, kind, size, board) for _ in range(cfg.eval_per_kind) for kind in kinds
+    ]
+    return _write_split(train, out, "train.json", "t"), _write_split(
+        held_out, out, "eval.json", "e"
+    )
+
+
+def write_base_model(cfg: ConvertConfig, seed: int, out: Path) -> tuple[str, str | None]:
+    """The randomly initialised stock model of ``seed``: ``(--model, --weights)`` for the recipe.
+
+    LLaVA: the demo's tiny LLaVA (96 px, 8 px patches, 12x12 = 144 tokens, sin-cos vision
+    positions) saved with its processor, so ``--model`` is that directory. Other families:
+    ``tiny:<family>`` (its processor is built in code) with the seed's weights.
+    """
+    if cfg.family == "llava":
+        model, processor = build_base(DemoConfig(image_size=cfg.image_size or 96), seed)
+        llava: Any = model
+        llava.save_pretrained(str(out))
+        processor.save_pretrained(str(out))
+        return str(out), None
+    tiny, _ = tiny_vlm(cfg.family, seed=seed, extra_words=list(VOCAB))
+    tiny.save_pretrained(str(out))
+    return f"tiny:{cfg.family}", str(out)
+
+
+# ----------------------------------------------------------------------------- one task
+
+
+def _recipe_argv(cfg: ConvertConfig, seed: int, model: str, weights: str | None, out: Path,
+                 *, stage: str, schedule: str, steps: int, lr: float, extra: Sequence[str] = ()) -> list[str]:  # fmt: skip
+    argv = [
+        "--model", model, "--data", str(out.parent.parent / "data" / "train.json"),
+        "--output_dir", str(out), "--stage", stage, "--schedule", schedule,
+        "--prompt_format", "plain", "--max_steps", str(steps),
+        "--per_device_train_batch_size", str(cfg.batch_size), "--learning_rate", str(lr),
+        "--warmup_steps", str(max(1, round(cfg.warmup_ratio * steps))),
+        "--weight_decay", str(cfg.weight_decay), "--adam_beta2", "0.98", "--max_grad_norm", "1.0",
+        "--lr_scheduler_type", "cosine", "--logging_strategy", "no", "--save_strategy", "no",
+        "--report_to", "none", "--disable_tqdm", "true", "--seed", str(seed),
+        "--dataloader_num_workers", "0", "--max_samples", str(steps * cfg.batch_size),
+        *extra,
+    ]  # fmt: skip
+    if weights:
+        argv += ["--weights", weights]
+    return argv
+
+
+def _vision_tokens(out: Path) -> int:
+    lines = (out / "budgets" / "rank0.jsonl").read_text().splitlines()
+    return sum(json.loads(line)["vision_tokens"] for line in lines)
+
+
+def _evaluate_run(
+    run_dir: Path, cfg: ConvertConfig, eval_json: Path
+) -> dict[str, dict[str, float]]:
+    """Accuracy per budget (all questions and per kind) with the recipe evaluator."""
+    from flexproj.recipes.data import ConversationDataset
+    from flexproj.recipes.evaluate import evaluate_model, load_run
+
+    run = load_run(run_dir)
+    dataset = ConversationDataset(eval_json)
+    results = evaluate_model(
+        run, dataset, list(cfg.eval_tokens or ()), batch_size=cfg.eval_batch_size,
+        max_new_tokens=3, prefill_repeats=0, progress=False, log=lambda _m: None, with_loss=False,
+    )  # fmt: skip
+    return {str(r["tokens"]): {"all": r["accuracy"], **r["accuracy_by_kind"]} for r in results}
+
+
+def run_convert_task(cfg: ConvertConfig, seed: int, task: str, work: str) -> dict[str, Any]:
+    """One task of one seed: ``stock``, ``distilled`` or a recipe row; trains, then evaluates."""
+    import contextlib
+    import io
+
+    from flexproj.recipes.config import parse_args
+    from flexproj.recipes.family import get_recipe
+    from flexproj.recipes.trainer import train
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    root = Path(work)
+    seed_dir = root / f"seed{seed}"
+    out = seed_dir / task
+    eval_json = root / "data" / "eval.json"
+    spec, init_weights = json.loads((seed_dir / "base.json").read_text())
+    stock_model = str(seed_dir / "stock" / "model")
+    log_file = seed_dir / f"{task}.log"
+    record: dict[str, Any] = {"seed": seed, "task": task}
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        start = time.perf_counter()
+        if task == "distilled":
+            from flexproj.recipes.distill import run_distill
+
+            report = run_distill(
+                spec, root / "data" / "train.json", out, weights=stock_model,
+                schedule=cfg.flex_schedule, steps=cfg.distill_steps, lr=cfg.distill_lr,
+                batch_size=cfg.batch_size, seed=seed, kernel="eager",
+                max_images=cfg.distill_steps * cfg.batch_size, progress=False, log=lambda _m: None,
+            )  # fmt: skip
+            record.update(
+                steps=cfg.distill_steps, vision_tokens=0, train_s=report["seconds"],
+                images=cfg.distill_steps * cfg.batch_size,
+                distill={k: report[k] for k in ("budgets", "per_budget")},
+            )  # fmt: skip
+        else:
+            if task == "stock":
+                argv = _recipe_argv(cfg, seed, spec, init_weights, out, stage="finetune",
+                                    schedule=f"fixed:{cfg.native_tokens}", steps=cfg.stock_steps,
+                                    lr=cfg.stock_lr, extra=["--projector", "stock"])  # fmt: skip
+            else:
+                stage = "finetune" if task == "tokenflex_finetune" else "align"
+                lr = cfg.finetune_lr if stage == "finetune" else cfg.align_lr
+                if task.startswith("fixed_"):
+                    schedule = f"fixed:{task.removeprefix('fixed_')}"
+                else:
+                    schedule = cfg.flex_schedule
+                extra = (
+                    ["--projector", "stock"]
+                    if task == "pool_after_flex"
+                    else ["--init", str(seed_dir / "distilled"), "--kernel", "eager"]
+                )
+                argv = _recipe_argv(cfg, seed, spec, stock_model, out, stage=stage,
+                                    schedule=schedule, steps=cfg.convert_steps, lr=lr, extra=extra)  # fmt: skip
+            config, training_args = parse_args(argv, get_recipe(cfg.recipe).stage_defaults)
+            summary = train(cfg.recipe, config, training_args, log=lambda _m: None)
+            record.update(
+                steps=summary["global_step"], vision_tokens=_vision_tokens(out),
+                train_s=summary["train_seconds"], train_loss=summary["train_loss"],
+                images=summary["global_step"] * cfg.batch_size,
+            )  # fmt: skip
+        record["wall_s"] = time.perf_counter() - start
+        record["accuracy"] = _evaluate_run(out, cfg, eval_json)
+    log_file.write_text(buffer.getvalue())
+    return record
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+#: task -> the tasks of the same seed it starts from
+DEPENDS = {"stock": (), "distilled": ("stock",), "pool_after_flex": ("stock",)}
+
+
+def _tasks(cfg: ConvertConfig) -> list[str]:
+    recipe_rows = ["tokenflex_align", "tokenflex_finetune", "pool_after_flex"]
+    return ["stock", "distilled", *recipe_rows, *(f"fixed_{n}" for n in cfg.train_tokens or ())]
+
+
+def _depends(task: str) -> tuple[str, ...]:
+    return DEPENDS.get(task, ("distilled",))
+
+
+def _run_convert_in_worker(cfg: ConvertConfig, seed: int, task: str, work: str) -> dict[str, Any]:
+    return run_convert_task(cfg, seed, task, work)
+
+
+def _run_tasks(
+    cfg: ConvertConfig, work: Path, workers: int, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Every (seed, task), in dependency order, on ``workers`` one-thread processes."""
+    pending = [(seed, task) for task in _tasks(cfg) for seed in range(cfg.seeds)]
+    done: set[tuple[int, str]] = set()
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(pending), desc="runs", dynamic_ncols=True)
+
+    def ready() -> list[tuple[int, str]]:
+        return [(s, t) for s, t in pending if all((s, d) in done for d in _depends(t))]
+
+    def report(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        done.add((rec["seed"], rec["task"]))
+        accs = " ".join(f"{n}:{a['all']:.2f}" for n, a in rec["accuracy"].items())
+        log(
+            f"  seed {rec['seed']} {rec['task']:>18}: {rec['steps']} steps, {rec['wall_s']:.0f} s, acc {accs}"
+        )
+        bar.update()
+
+    if workers <= 1:
+        while pending:
+            seed, task = ready()[0]
+            pending.remove((seed, task))
+            report(run_convert_task(cfg, seed, task, str(work)))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads,
+                                 initargs=(cfg.threads or 1,)) as pool:  # fmt: skip
+            running: dict[Any, tuple[int, str]] = {}
+            while pending or running:
+                for item in ready():
+                    if len(running) >= workers:
+                        break
+                    pending.remove(item)
+                    running[pool.submit(_run_convert_in_worker, cfg, *item, str(work))] = item
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    running.pop(future)
+                    report(future.result())
+    bar.close()
+    return records
+
+
+def run_convert(
+    cfg: ConvertConfig,
+    out_dir: str | Path,
+    *,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the stock reference per seed, convert it every way, evaluate, write the outputs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    load_start = _loadavg()
+    log(
+        f"flexproj demo (convert, {cfg.family}): native {cfg.native_tokens} tokens; stock "
+        f"reference {cfg.stock_steps} steps x {cfg.batch_size} images; conversion rows "
+        f"{cfg.convert_steps} steps ({cfg.convert_steps / cfg.stock_steps:.0%}); flex schedule "
+        f"{cfg.flex_schedule}; eval budgets {list(cfg.eval_tokens or ())}; {cfg.seeds} seed(s); "
+        f"{workers} worker(s)"
+    )
+    write_convert_data(cfg, work / "data")
+    for seed in range(cfg.seeds):
+        seed_dir = work / f"seed{seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        base = write_base_model(cfg, seed, seed_dir / "init")
+        (seed_dir / "base.json").write_text(json.dumps(list(base)))
+    records = _run_tasks(cfg, work, workers, log)
+    results = convert_results(cfg, records)
+    results["workers"] = workers
+    results["environment"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": load_start,
+        "loadavg_end": _loadavg(),
+        "platform": platform.platform(),
+    }
+    plot_path = out / "accuracy_vs_budget.png"
+    plot_convert(results, plot_path)
+    results["plot"] = plot_path.name
+    results["total_wall_s"] = time.perf_counter() - t0
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    log("")
+    log(format_convert_report(results))
+    log(f"\nwrote {out / 'results.json'} and {plot_path} in {results['total_wall_s']:.0f} s")
+    return results
+
+
+def convert_results(cfg: ConvertConfig, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Rows x budgets, mean/std over seeds, and each row's conversion cost."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for rec in sorted(records, key=lambda r: r["seed"]):
+        by_task.setdefault(rec["task"], []).append(rec)
+    kinds = ["all", *cfg.kinds]
+    budgets = [str(n) for n in cfg.eval_tokens or ()]
+    native = str(cfg.native_tokens)
+    stock = by_task["stock"]
+    stock_cost = {
+        "steps": statistics.fmean(r["steps"] for r in stock),
+        "vision_tokens": statistics.fmean(r["vision_tokens"] for r in stock),
+        "train_s": statistics.fmean(r["train_s"] for r in stock),
+    }
+    rows: dict[str, dict[str, Any]] = {}
+    for row in cfg.rows():
+        task = "stock" if row == "pool_after" else row
+        seeds = by_task[task]
+        cols = [native] if row == "stock" else budgets
+        accuracy = {
+            n: {k: _mean_spread([s["accuracy"][n][k] for s in seeds]) for k in kinds} for n in cols
+        }
+        if row in ("stock", "pool_after"):
+            cost = {"steps": 0, "vision_tokens": 0, "train_s": 0.0, "images": 0}
+            if row == "stock":
+                cost = {**stock_cost, "images": stock[0]["images"]}
+        else:
+            cost = {
+                "steps": statistics.fmean(r["steps"] for r in seeds),
+                "vision_tokens": statistics.fmean(r["vision_tokens"] for r in seeds),
+                "train_s": statistics.fmean(r["train_s"] for r in seeds),
+                "images": statistics.fmean(r["images"] for r in seeds),
+            }
+        if row.startswith(("tokenflex", "fixed_")):  # the distillation comes first
+            distilled = by_task["distilled"]
+            cost["distill_steps"] = cfg.distill_steps
+            cost["distill_s"] = statistics.fmean(r["train_s"] for r in distilled)
+        rows[row] = {
+            "label": row_label(row),
+            "accuracy": accuracy,
+            "seeds": [
+                {"seed": s["seed"], "accuracy": {n: s["accuracy"][n] for n in cols}} for s in seeds
+            ],
+            "cost": cost,
+            "cost_vs_stock": {
+                "steps": cost["steps"] / stock_cost["steps"],
+                "vision_tokens": cost["vision_tokens"] / stock_cost["vision_tokens"],
+                "train_s": (cost["train_s"] + cost.get("distill_s", 0.0)) / stock_cost["train_s"],
+            },
+        }
+    distill = [r["distill"] for r in by_task.get("distilled", [])]
+    distill_summary = {
+        n: {
+            key: statistics.fmean(d["per_budget"][n][key] for d in distill)
+            for key in ("cosine_before", "cosine_after", "mse_before", "mse_after")
+        }
+        for n in (distill[0]["per_budget"] if distill else {})
+    }
+    return {
+        "experiment": "convert",
+        "config": dataclasses.asdict(cfg),
+        "family": cfg.family,
+        "native_tokens": cfg.native_tokens,
+        "train_tokens": list(cfg.train_tokens or ()),
+        "eval_tokens": list(cfg.eval_tokens or ()),
+        "kinds": list(cfg.kinds),
+        "metric": "exact match of the greedy answer (flexproj.recipes.evaluate)",
+        "rows": rows,
+        "distill": distill_summary,
+        "records": list(records),
+    }
+
+
+def format_convert_table(results: dict[str, Any], kind: str = "all") -> str:
+    budgets = [str(n) for n in results["eval_tokens"]]
+    train = {str(n) for n in results["train_tokens"]}
+    head = ["row \\ eval"] + [f"{n}{'*' if n in train else ''}" for n in budgets]
+    lines = [head]
+    for rec in results["rows"].values():
+        seeds = len(rec["seeds"])
+        lines.append(
+            [rec["label"]]
+            + [
+                _cell(rec["accuracy"][n][kind], seeds) if n in rec["accuracy"] else ""
+                for n in budgets
+            ]
+        )
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    text = []
+    for j, row in enumerate(lines):
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        text.append("| " + " | ".join(cells) + " |")
+        if j == 0:
+            text.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(text)
+
+
+def format_convert_report(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    spread = " (mean±std over seeds)" if cfg["seeds"] > 1 else ""
+    parts = [
+        f"Accuracy (%) of each conversion (rows) at each evaluation budget (columns){spread}; "
+        f"{results['family']}, native = {results['native_tokens']} tokens; * = a training budget "
+        "of the recipe rows.",
+        "",
+        "All questions:",
+        format_convert_table(results, "all"),
+    ]
+    for kind in results["kinds"]:
+        parts += ["", f"{kind}:", format_convert_table(results, kind)]
+    parts += [
+        "",
+        "Conversion cost per row (mean over seeds; relative to training the stock model):",
+        "| row | steps | vision tokens | train s | vs stock: steps / tokens / time |",
+        "|---|---|---|---|---|",
+    ]
+    for rec in results["rows"].values():
+        c, rel = rec["cost"], rec["cost_vs_stock"]
+        train_s = c["train_s"] + c.get("distill_s", 0.0)
+        steps = f"{c['steps']:.0f}" + (
+            f" + {c['distill_steps']} distill" if "distill_steps" in c else ""
+        )
+        parts.append(
+            f"| {rec['label']} | {steps} | {c['vision_tokens'] / 1e6:.3f} M | {train_s:.1f} | "
+            f"{rel['steps']:.0%} / {rel['vision_tokens']:.0%} / {rel['train_s']:.0%} |"
+        )
+    if results["distill"]:
+        parts += ["", "Distillation (mean over seeds; fixed probe batch): per budget, cosine and "
+                  "relative MSE to the pooled stock outputs, before -> after:"]  # fmt: skip
+        for n, d in results["distill"].items():
+            name = n if int(n) <= results["native_tokens"] else "native (uncapped)"
+            parts.append(
+                f"  N={name:>4}: cosine {d['cosine_before']:.3f} -> {d['cosine_after']:.3f}, "
+                f"rel. MSE {d['mse_before']:.3f} -> {d['mse_after']:.3f}"
+            )
+    return "\n".join(parts)
+
+
+def plot_convert(results: dict[str, Any], path: Path) -> None:
+    """Accuracy vs evaluation budget, one line per row, spread (±std) shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = results["eval_tokens"]
+    kinds = ["all", *results["kinds"]]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.0 * len(kinds), 4.4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for row, rec in results["rows"].items():
+            ns = [n for n in budgets if str(n) in rec["accuracy"]]
+            mean = [rec["accuracy"][str(n)][kind]["mean"] * 100 for n in ns]
+            std = [rec["accuracy"][str(n)][kind]["std"] * 100 for n in ns]
+            if row == "stock":
+                ax.errorbar(
+                    ns, mean, yerr=std, fmt="*", ms=12, color="black", label=rec["label"], zorder=5
+                )
+                continue
+            style = "--" if row.startswith(("fixed_", "pool_after")) else "-"
+            (line,) = ax.plot(
+                ns,
+                mean,
+                style,
+                marker="o",
+                ms=3,
+                lw=2.0 if "tokenflex" in row else 1.3,
+                label=rec["label"],
+            )
+            low = [m - s for m, s in zip(mean, std, strict=True)]
+            high = [m + s for m, s in zip(mean, std, strict=True)]
+            ax.fill_between(ns, low, high, color=line.get_color(), alpha=0.15, lw=0)
+        for n in results["train_tokens"]:
+            ax.axvline(n, color="0.85", lw=0.8, zorder=0)
+        ax.set_ylim(0, 105)
+        ax.set_xscale("log")
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([str(n) for n in budgets], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("vision tokens at evaluation")
+        ax.set_title(kind if kind != "all" else "all questions")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("exact-match accuracy (%)")
+    axes[0][-1].legend(fontsize=6.5, loc="lower right")
+    seeds = results["config"]["seeds"]
+    fig.suptitle(
+        f"flexproj demo: converting a trained tiny {results['family']} (native "
+        f"{results['native_tokens']} tokens), {seeds} seed(s), shaded = ±std",
         fontsize=10,
     )
     fig.tight_layout()

@@ -102,6 +102,23 @@ class RecipeConfig:
             "sample's index in the step's global batch): every batch mixes budgets."
         ),
     )
+    projector: Literal["flex", "stock"] = field(
+        default="flex",
+        metadata=_help(
+            "flex: train a FlexProjector (pool the vision grid, then LayerNorm + SwiGLU). "
+            "stock: keep the model's stock projector and average-pool its output tokens to "
+            "each step's budget (pool-after, Matryoshka's layout; at the native budget this is "
+            "the stock model); the stock projector trains, and the model is saved in "
+            "transformers format (<output_dir>/model)."
+        ),
+    )
+    weights: str | None = field(
+        default=None,
+        metadata=_help(
+            "A transformers-format model directory to take the weights from instead of --model "
+            "(e.g. an earlier run's <output_dir>/model); the processor still comes from --model."
+        ),
+    )
     init: str = field(
         default="random",
         metadata=_help(
@@ -203,6 +220,17 @@ class RecipeConfig:
             raise ConfigError(
                 f"--init must be 'random', 'distill' or a flexproj checkpoint directory; "
                 f"{self.init!r} has no {CHECKPOINT_FILE}"
+            )
+        if self.projector not in ("flex", "stock"):
+            raise ConfigError(f"--projector must be flex or stock, got {self.projector!r}")
+        if self.projector == "stock" and (self.init != "random" or self.lora):
+            raise ConfigError(
+                "--projector stock trains the model's own projector: --init and --lora apply to "
+                "a FlexProjector only"
+            )
+        if self.weights is not None and not (Path(self.weights) / "config.json").is_file():
+            raise ConfigError(
+                f"--weights {self.weights!r}: no config.json (a transformers model dir)"
             )
         for name in ("distill_steps", "distill_batch_size"):
             if getattr(self, name) <= 0:

@@ -1,41 +1,52 @@
-"""``--init distill``: warm-start the FlexProjector from the stock projector.
+"""Distillation at every budget: warm-start the FlexProjector from the stock projector.
 
-Before training, the FlexProjector is fitted to reproduce what the model's *stock*
-projector feeds the LLM, on the training images, with the vision tower only (no LLM
-forward). Each step:
+The FlexProjector is fitted, before any LLM training, to what the model's *stock*
+projector feeds the LLM **pooled to the same budget**: at budget N the target is the
+stock projector's output tokens average-pooled to ``target_grid(N)`` on their own grid
+(what ``flexproj.patch(model, projector="stock")`` produces under ``flexproj.tokens(N)``).
+At the native budget that is the stock output itself. So the distilled projector is a
+variable-token projector already: at every budget of the schedule it starts from the
+training-free pool-after model. Only the vision tower runs (no LLM forward). Each step:
 
-1. inside ``flexproj.disabled(model)`` the stock path runs, and
-   ``model.get_image_features(...)`` gives the stock outputs: the target, under ``no_grad``;
-2. outside it, ``model.get_image_features(...)`` inside ``flexproj.tokens(N)`` gives the
-   FlexProjector's outputs;
-3. loss = relative MSE (MSE / mean square of the target) + ``w`` * (1 - cosine
+1. a budget N, in turn from the schedule's budgets and the native one (equal steps each);
+2. the target: the stock projector's outputs pooled to N, from a twin of the model that
+   shares every weight (a ``copy.deepcopy`` whose parameters are the model's own, patched
+   with ``projector="stock"``: no extra weight memory), under ``no_grad``;
+3. the prediction: ``model.get_image_features(...)`` inside ``flexproj.tokens(N)``;
+4. loss = relative MSE (MSE / mean square of the target) + ``w`` * (1 - cosine
    similarity), per token; AdamW on the projector only, cosine-decayed learning rate.
 
-Running both paths costs a second vision-tower forward per step; in exchange it needs no family internals: whatever the stock model does between
+Both paths go through ``get_image_features``, so whatever the stock model does between
 the tower and the LLM (CLS dropping, pixel shuffle, AnyRes packing, Qwen's merger and
 window order) is what the target is.
 
-**Matched grids.** The two outputs are compared token for token, so N is the budget at
-which the FlexProjector's pooled grid *is* the stock output grid, from the family
-recipe's ``distill_tokens``: LLaVA, the tower grid (576 at 336 px, no pooling); Qwen,
-an uncapped budget (every image keeps its native merged grid, each token the mean of
-its 2x2 patches, as the merger's 2x2 unit); InternVL, the stock count per tile (256 at
-448 px: 16x16 cells of 2x2 patches, exactly the blocks pixel shuffle concatenates, in
-the same row-major order). A count mismatch is an error naming both counts.
+**Matched grids.** Prediction and target are compared token for token, so at budget N
+the FlexProjector's pooled grid must be the pooled stock grid. It is at every budget up
+to the stock count per unit: LLaVA pools the tower grid and the stock output grid, the
+same S x S; Qwen pools both on the merged grid of each image (at most N, aspect kept);
+InternVL's FlexProjector pools the 32x32 ViT grid of a tile and the stock output is the
+16x16 grid after pixel shuffle: both reach ``target_grid(N)`` (the same square) for
+N <= 256, and above the stock count there is no stock target (a budget over it is left
+out, with a note). The native budget is the family recipe's ``distill_tokens`` (LLaVA:
+the tower grid; Qwen: an uncapped budget; InternVL: the stock count per tile). A count
+mismatch is an error naming both counts.
 
 Images are grouped by size so that each step's images have equal grids (Qwen keeps
-native resolution). The result (cosine before/after on a fixed batch, loss history) is
-printed and returned; the trainer writes it to ``<output_dir>/distill.json``.
+native resolution). The result (per budget: cosine and relative MSE before and after on
+a fixed batch; the loss history) is logged and returned; the trainer writes it to
+``<output_dir>/distill.json``, ``flexproj distill`` to ``<output_dir>/distill.json`` too.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,23 +55,22 @@ from PIL import Image
 
 import flexproj
 from flexproj._types import Model
-from flexproj.recipes.data import DataError, Record, open_image
+from flexproj.recipes.data import DataError, open_image
 from flexproj.recipes.family import FamilyRecipe
 
-__all__ = ["distill_projector"]
+__all__ = ["distill_budgets", "distill_projector", "stock_twin"]
 
 
-def _batches(records: Sequence[Record], batch_size: int, seed: int) -> list[list[Any]]:
+def _batches(paths: Sequence[Path], batch_size: int, seed: int) -> list[list[Path]]:
     """Image paths in same-size batches, shuffled deterministically."""
-    by_size: dict[tuple[int, int], list[Any]] = defaultdict(list)
-    for record in records:
-        for path in record.images:
-            with Image.open(path) as image:
-                by_size[image.size].append(path)
+    by_size: dict[tuple[int, int], list[Path]] = defaultdict(list)
+    for path in paths:
+        with Image.open(path) as image:
+            by_size[image.size].append(path)
     batches = [
-        paths[i : i + batch_size]
-        for _, paths in sorted(by_size.items())
-        for i in range(0, len(paths), batch_size)
+        group[i : i + batch_size]
+        for _, group in sorted(by_size.items())
+        for i in range(0, len(group), batch_size)
     ]
     random.Random(seed).shuffle(batches)
     return batches
@@ -104,9 +114,9 @@ def _match(
     p_rows, t_rows = [x.shape[0] for x in pred], [x.shape[0] for x in target]
     if p_rows != t_rows:
         raise DataError(
-            f"--init distill: the FlexProjector at {tokens} tokens gives {p_rows} tokens per unit but "
-            f"the stock projector gives {t_rows}; the grids must match to compare them token for "
-            "token (see the family recipe's distill_tokens)"
+            f"distill: the FlexProjector at {tokens} tokens gives {p_rows} tokens per unit but "
+            f"the pooled stock projector gives {t_rows}; the grids must match to compare them "
+            "token for token (see the family recipe's distill_tokens)"
         )
     return torch.cat(pred).float(), torch.cat(target).float()
 
@@ -121,61 +131,108 @@ def _metrics(
     return mse + cosine_weight * (1 - cosine), float(mse.detach()), float(cosine.detach())
 
 
+def stock_twin(model: Model) -> Model:
+    """A twin of patched ``model`` running its stock projector with pooled outputs
+    (``projector="stock"``), sharing every parameter and buffer with ``model``."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    twin = copy.deepcopy(model, memo)
+    flexproj.unpatch(twin)
+    flexproj.patch(twin, projector="stock")
+    return twin
+
+
+def distill_budgets(
+    model: Model,
+    recipe: FamilyRecipe,
+    budgets: Iterable[int] = (),
+    log: Callable[[str], None] = print,
+    twin: Model | None = None,
+) -> list[int]:
+    """The budgets to distil at: ``budgets`` (e.g. the schedule's) and the native one,
+    leaving out those above the stock count per unit (no stock target there)."""
+    native = recipe.distill_tokens(model)
+    out = sorted({*budgets, native})
+    twin_native = flexproj.patch_info(twin or stock_twin(model)).native_tokens
+    if twin_native is not None:
+        over = [n for n in out if n > twin_native]
+        if over:
+            log(
+                f"distill: budgets {over} exceed the stock projector's {twin_native} tokens per "
+                f"{flexproj.patch_info(model).unit}: no pooled stock target there, left out"
+            )
+        out = [n for n in out if n <= twin_native]
+    return out
+
+
 def distill_projector(
     model: Model,
     processor: Any,
     recipe: FamilyRecipe,
-    records: Sequence[Record],
+    images: Sequence[Any],
     *,
     steps: int,
     lr: float,
     batch_size: int,
     cosine_weight: float = 1.0,
     seed: int = 0,
+    budgets: Iterable[int] = (),
     log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Fit the patched ``model``'s FlexProjector to its stock projector (module docstring).
+    """Fit the patched ``model``'s FlexProjector to its pooled stock projector at every
+    budget of ``budgets`` and the native one (module docstring).
 
+    ``images``: image paths, or records with ``.images`` (``recipes.data.Record``).
     ``processor`` must not be patched yet (patch it afterwards). Returns a summary dict:
-    ``tokens``, ``steps``, ``cosine_before`` / ``cosine_after`` and ``mse_before`` /
-    ``mse_after`` on a fixed batch, and the per-step ``history``.
+    ``budgets``, ``per_budget`` (``{N: cosine_before, cosine_after, mse_before,
+    mse_after}`` on a fixed batch), the native budget's numbers at the top level
+    (``tokens``, ``cosine_before`` ...), and the per-step ``history``.
     """
-    if not flexproj.is_patched(model):
-        raise flexproj.PatchError("distill_projector needs a model patched by flexproj.patch")
+    if not flexproj.is_patched(model) or flexproj.patch_info(model).mode != "flex":
+        raise flexproj.PatchError("distill_projector needs a model patched with a FlexProjector")
     projector = flexproj.get_projector(model)
     tokens = recipe.distill_tokens(model)
+    twin = stock_twin(model)
+    plan = distill_budgets(model, recipe, budgets, log, twin)
     device = next(projector.parameters()).device
-    batches = _batches(records, batch_size, seed)
+    paths = [p for item in images for p in getattr(item, "images", (item,))]
+    batches = _batches([Path(p) for p in paths], batch_size, seed)
     if not batches:
-        raise DataError("--init distill: no training images")
+        raise DataError("distill: no training images")
     signature = inspect.signature(model.get_image_features).parameters
     accepted = None if any(p.kind == p.VAR_KEYWORD for p in signature.values()) else set(signature)
 
     def load(i: int) -> dict[str, Any]:
-        images = [
+        opened = [
             recipe.prepare_image(open_image(p), processor, False) for p in batches[i % len(batches)]
         ]
-        return _image_inputs(processor, recipe, images, device, accepted)
+        return _image_inputs(processor, recipe, opened, device, accepted)
 
-    def compare(inputs: dict[str, Any], grad: bool) -> tuple[torch.Tensor, float, float]:
-        with flexproj.disabled(model), torch.no_grad():
-            target = recipe.stock_features(_features(model, inputs), model)
-        with flexproj.tokens(tokens), torch.set_grad_enabled(grad):
-            pred = _features(model, inputs)
-        return _metrics(*_match(pred, target, tokens), cosine_weight)
+    def compare(inputs: dict[str, Any], n: int, grad: bool) -> tuple[torch.Tensor, float, float]:
+        with flexproj.tokens(n):
+            with torch.no_grad():
+                target = _features(twin, inputs)
+            with torch.set_grad_enabled(grad):
+                pred = _features(model, inputs)
+        return _metrics(*_match(pred, target, n), cosine_weight)
+
+    def probe_all(inputs: dict[str, Any]) -> dict[int, tuple[float, float]]:
+        return {n: compare(inputs, n, grad=False)[1:] for n in plan}
 
     frozen = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()
+    twin.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     for p in projector.parameters():
         p.requires_grad_(True)
     try:
         probe = load(0)
-        _, mse_before, cos_before = compare(probe, grad=False)
+        before = probe_all(probe)
         log(
-            f"distill: {steps} steps at budget {tokens} (the stock projector's grid); cosine before {cos_before:.4f}"
+            f"distill: {steps} steps over budgets {plan} (target: the stock projector's outputs "
+            f"pooled to each budget; {tokens} = the stock grid)"
         )
         optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -184,37 +241,175 @@ def distill_projector(
         history: list[dict[str, float]] = []
         every = max(1, steps // 10)
         start = time.perf_counter()
-        for step in range(steps):
-            loss, mse, cos = compare(load(step), grad=True)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(steps), desc="distill", disable=not progress, dynamic_ncols=True)
+        for step in bar:
+            n = plan[step % len(plan)]
+            loss, mse, cos = compare(load(step), n, grad=True)
             value = float(loss.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            history.append({"step": step + 1, "loss": value, "mse": mse, "cosine": cos})
-            if (step + 1) % every == 0 or step + 1 == steps:
+            history.append(
+                {"step": step + 1, "tokens": n, "loss": value, "mse": mse, "cosine": cos}
+            )
+            bar.set_postfix(N=n, loss=f"{value:.4f}")
+            if not progress and ((step + 1) % every == 0 or step + 1 == steps):
                 log(
-                    f"distill step {step + 1}/{steps}: loss {value:.4f} rel-mse {mse:.4g} cosine {cos:.4f}"
+                    f"distill step {step + 1}/{steps} (N={n}): loss {value:.4f} rel-mse {mse:.4g} "
+                    f"cosine {cos:.4f}"
                 )
-        _, mse_after, cos_after = compare(probe, grad=False)
+        bar.close()
+        seconds = time.perf_counter() - start
+        after = probe_all(probe)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    log(
-        f"distill: cosine similarity {cos_before:.4f} -> {cos_after:.4f} (relative MSE {mse_before:.4g} -> {mse_after:.4g})"
-    )
+    per_budget = {
+        str(n): {
+            "cosine_before": before[n][1],
+            "cosine_after": after[n][1],
+            "mse_before": before[n][0],
+            "mse_after": after[n][0],
+        }
+        for n in plan
+    }
+    for n in plan:
+        p = per_budget[str(n)]
+        log(
+            f"distill N={n}: cosine {p['cosine_before']:.4f} -> {p['cosine_after']:.4f}, "
+            f"relative MSE {p['mse_before']:.4g} -> {p['mse_after']:.4g}"
+        )
+    native = per_budget[str(tokens)]
     return {
         "tokens": tokens,
+        "budgets": plan,
+        "target": "stock projector outputs average-pooled to each budget on their grid",
         "steps": steps,
         "lr": lr,
         "batch_size": batch_size,
         "cosine_weight": cosine_weight,
         "images": sum(len(b) for b in batches),
-        "cosine_before": cos_before,
-        "cosine_after": cos_after,
-        "mse_before": mse_before,
-        "mse_after": mse_after,
-        "seconds": time.perf_counter() - start,
+        **native,
+        "per_budget": per_budget,
+        "seconds": seconds,
         "history": history,
     }
+
+
+# ----------------------------------------------------------------------------- standalone
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def image_paths(source: str | Path, image_folder: str | Path | None = None) -> list[Path]:
+    """Image files from a directory (recursively, sorted) or a JSON / JSONL list whose items
+    are paths or records with ``"image"`` (a path or a list; LLaVA's format; conversations,
+    if any, are ignored). Relative paths are taken from ``image_folder`` (default: the
+    JSON's folder)."""
+    import json
+
+    src = Path(source)
+    if src.is_dir():
+        return sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not src.is_file():
+        raise DataError(f"--images {src}: no such file or directory")
+    text = src.read_text()
+    try:
+        if src.suffix.lower() == ".jsonl":
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"--images {src} is not valid JSON: {exc}") from None
+    if not isinstance(items, list):
+        raise DataError(f"--images {src}: expected a JSON list of paths or records")
+    root = Path(image_folder) if image_folder is not None else src.parent
+    out: list[Path] = []
+    for i, item in enumerate(items):
+        names = item.get("image") if isinstance(item, dict) else item
+        names = names if isinstance(names, list) else [names]
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise DataError(f"--images {src}, item {i}: no image path ({item!r:.80})")
+        out += [root / n for n in names]
+    return out
+
+
+def run_distill(
+    model_spec: str,
+    images: str | Path,
+    output_dir: str | Path,
+    *,
+    weights: str | None = None,
+    image_folder: str | Path | None = None,
+    schedule: str = "paper",
+    steps: int = 200,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    cosine_weight: float = 1.0,
+    seed: int = 0,
+    max_images: int | None = None,
+    kernel: str = "auto",
+    hidden_dim: int | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """``flexproj distill``: load ``model_spec`` (``tiny:<family>``, a path or hub id; weights
+    from ``weights`` if given), patch a new FlexProjector, distil it at every budget of
+    ``schedule`` and the native one, and write it to ``output_dir`` (``flexproj.safetensors``
+    + config, loadable by :func:`flexproj.from_pretrained`), with ``distill.json`` (the
+    per-budget report) and ``recipe.json`` (so ``flexproj eval --run`` loads it)."""
+    import json
+
+    from flexproj.recipes.family import recipe_for_model
+    from flexproj.schedule import parse_schedule
+
+    paths = image_paths(images, image_folder)[:max_images]
+    if not paths:
+        raise DataError(f"--images {images}: no images")
+    token_schedule = parse_schedule(schedule, seed=seed)
+    recipe = recipe_for_model(model_spec)
+    model, processor = recipe.load(model_spec, dtype=dtype, weights=weights)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(target).eval()
+    torch.manual_seed(seed)
+    flexproj.patch(model, kernel=kernel, hidden_dim=hidden_dim)
+    report = distill_projector(
+        model,
+        processor,
+        recipe,
+        paths,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        cosine_weight=cosine_weight,
+        seed=seed,
+        budgets=token_schedule.tokens,
+        log=log,
+        progress=progress,
+    )
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    flexproj.save_pretrained(model, out, schedule=token_schedule.to_dict())
+    report = {"model": model_spec, "weights": weights, "images_source": str(images), **report}
+    (out / "distill.json").write_text(json.dumps(report, indent=2) + "\n")
+    summary = {
+        "family": recipe.name,
+        "model": model_spec,
+        "model_type": model.config.model_type,
+        "stage": "distill",
+        "schedule": token_schedule.to_dict(),
+        "flexproj_version": flexproj.__version__,
+        "config": {"weights": weights, "projector": "flex", "kernel": kernel},
+        "distill": {k: v for k, v in report.items() if k != "history"},
+        "outputs": {"projector": "."},
+        "status": "done",
+    }
+    (out / "recipe.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    log(f"saved the distilled projector to {out}")
+    return report

@@ -334,7 +334,3 @@ class FamilyRecipe:
         native count, or, where each image keeps its own (Qwen), a budget that caps none."""
         native = adapter_for(model).native_tokens(model)
         return UNCAPPED_BUDGET if native is None else native
-
-    def stock_features(self, stock: list[torch.Tensor], model: Model) -> list[torch.Tensor]:
-        """Hook to align stock projector outputs with the FlexProjector's (default: as is)."""
-        return stock

@@ -34,8 +34,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import torch
-
 from flexproj._types import Model
 from flexproj.recipes.data import IMAGE_TAG, Segment
 from flexproj.recipes.family import COMMON_TRAINING_DEFAULTS, FamilyRecipe, Messages
@@ -69,20 +67,6 @@ class LlavaRecipe(FamilyRecipe):
         if configured is not None:
             return configured
         return model.config.model_type == "llava"  # AnyRes models keep the aspect ratio
-
-    def stock_features(self, stock: list[torch.Tensor], model: Model) -> list[torch.Tensor]:
-        """Under ``vision_feature_select_strategy="full"`` a CLIP tower's CLS reaches the stock
-        projector (577 tokens at 336 px); it is not a grid cell and the FlexProjector drops
-        it, so the distillation target drops it too."""
-        config = model.config
-        clip = getattr(config.vision_config, "model_type", "") == "clip_vision_model"
-        if (
-            config.model_type == "llava"
-            and config.vision_feature_select_strategy == "full"
-            and clip
-        ):
-            return [t[1:] for t in stock]
-        return stock
 
     def plain_segments(self, dialogue: Messages, processor: Any, system: str) -> list[Segment]:
         placeholder, end = self.image_placeholder(processor), self.end_of_turn(processor)

@@ -218,7 +218,11 @@ class FlexTrainer(Trainer):
             if p.requires_grad
         }
         save_file(trainable, str(directory / TRAINABLE_NAME), metadata={"format": "pt"})
-        flexproj.save_pretrained(_unwrap_peft(model), directory, schedule=self.schedule.to_dict())
+        base = _unwrap_peft(model)
+        if (
+            flexproj.patch_info(base).mode == "flex"
+        ):  # a stock projector is in trainable.safetensors
+            flexproj.save_pretrained(base, directory, schedule=self.schedule.to_dict())
         torch.save(self.args, directory / "training_args.bin")
 
     def _load_from_checkpoint(
@@ -322,6 +326,13 @@ def _save_final(
     live = flexproj.get_projector(base)
     # state-dict names, without the wrapper modules FSDP / activation checkpointing insert
     prefix = _WRAPPERS.sub("", _module_name(unwrapped, live)) + "."
+    if flexproj.patch_info(base).mode == "stock":
+        # the trained stock projector lives in the model: transformers format, stock key names
+        # (the patched save_pretrained writes what the stock class loads)
+        base.save_pretrained(str(output_dir / "model"), state_dict=state_dict)
+        if not config.is_tiny:
+            processor.save_pretrained(str(output_dir / "model"))
+        return {"model": "model"}
     tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     # save the gathered weights (under FSDP the live module holds only this rank's shard)
     flexproj.save_pretrained(
@@ -373,6 +384,7 @@ def train(
         dtype=config.dtype,
         attn_implementation=config.attn_implementation,
         processor_kwargs=config.processor_options(),
+        weights=config.weights,
     )
     model_type = model.config.model_type
     if model_type not in recipe.model_types:
@@ -380,7 +392,10 @@ def train(
             f"{config.model} is a {model_type!r} model, not one the {family} recipe trains"
         )
     stock_keys = dict(model.state_dict())
-    if config.init in ("random", "distill"):
+    if config.projector == "stock":
+        flexproj.patch(model, projector="stock")
+        say("projector: the stock one, its outputs pooled to each step's budget")
+    elif config.init in ("random", "distill"):
         flexproj.patch(model, kernel=config.kernel, hidden_dim=config.hidden_dim)
     else:
         flexproj.from_pretrained(model, config.init, kernel=config.kernel)
@@ -510,6 +525,7 @@ def _run_distill(
         batch_size=config.distill_batch_size,
         cosine_weight=config.distill_cosine_weight,
         seed=training_args.seed,
+        budgets=config.token_schedule(training_args.seed).tokens,
         log=say,
     )
 

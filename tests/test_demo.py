@@ -1,4 +1,6 @@
-"""``flexproj demo --quick`` end to end: results.json holds the whole table, the plot opens."""
+"""``flexproj demo --experiment scratch --quick`` (the paper's table from scratch) end to end:
+results.json holds the whole table, the plot opens. The default experiment (conversion) is
+tested in tests/test_demo_convert.py."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from flexproj.cli import main
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--experiment", "scratch", "--quick", "--out", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 

@@ -658,3 +658,36 @@ def test_distill_compares_grids_without_the_stock_cls(data):
                                steps=2, lr=1e-3, batch_size=2, log=lambda _m: None)  # fmt: skip
     assert result["tokens"] == 64 and len(result["history"]) == 2
     assert flexproj.is_patched(model)  # the patch is back on after the stock passes
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_stock_projector_recipe_trains_and_saves_the_stock_model(family, data, tmp_path):
+    """--projector stock: the stock projector trains (outputs pooled to each step's budget),
+    the model is saved in transformers format, and flexproj eval loads it in stock mode."""
+    require_adapter(family)
+    from flexproj.recipes.evaluate import load_run
+
+    out = tmp_path / "stock"
+    summary = run(family, args(family, data, out, "--stage", "align", "--projector", "stock"))
+    assert summary["outputs"] == {"model": "model"} and summary["global_step"] == 2
+    assert not (out / "flexproj.safetensors").exists()
+    before, _ = get_recipe(family).load(f"tiny:{FAMILIES[family]}")
+    loaded = load_run(out)
+    assert flexproj.patch_info(loaded.model).mode == "stock"
+    trained = dict(flexproj.get_projector(loaded.model).named_parameters())
+    flexproj.patch(before, projector="stock")
+    initial = dict(flexproj.get_projector(before).named_parameters())
+    assert set(trained) == set(initial)
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)  # the projector trained
+    llm = get_recipe(family).language_model
+    for (name, p), (_, q) in zip(
+        llm(loaded.model).named_parameters(), llm(before).named_parameters(), strict=True
+    ):
+        assert torch.equal(p, q), name  # align: the LLM is untouched
+    # a later run starts from these weights (--weights), e.g. to convert the model
+    run(family, args(family, data, tmp_path / "flex", "--weights", str(out / "model")))
+    flex = load_run(tmp_path / "flex")  # recipe.json's weights: the trained stock model
+    stock = {k.split(".stock.", 1)[1]: v for k, v in flex.model.state_dict().items()
+             if ".stock." in k}  # fmt: skip
+    assert set(stock) == set(trained)
+    assert all(torch.equal(stock[k], trained[k]) for k in trained)

@@ -5,4 +5,4 @@ Each module defines ``register(subparsers)`` adding its parser with
 inside ``func`` so that ``flexproj --help`` stays fast.
 """
 
-COMMAND_MODULES = ("info", "bench", "train", "eval", "demo", "export")
+COMMAND_MODULES = ("info", "bench", "train", "eval", "demo", "distill", "export")

@@ -46,6 +46,26 @@ def register(subparsers: Any) -> None:
             "on two CPU cores; --quick about a minute."
         ),
     )
+    parser.add_argument(
+        "--experiment",
+        choices=("convert", "scratch"),
+        default="convert",
+        help="convert (default): train a tiny VLM the stock way at its native budget, then "
+        "convert it (training-free pooling, distillation, the flexible and fixed recipes); "
+        "scratch: the paper's table from scratch (fixed-N vs flexible, same steps)",
+    )
+    parser.add_argument(
+        "--family",
+        choices=("llava", "qwen2_5_vl", "internvl"),
+        default="llava",
+        help="convert: the tiny model family (default llava)",
+    )
+    parser.add_argument("--stock-steps", type=int, default=None,
+                        help="convert: steps of the stock reference training")  # fmt: skip
+    parser.add_argument("--convert-steps", type=int, default=None,
+                        help="convert: K, steps of each recipe row")  # fmt: skip
+    parser.add_argument("--distill-steps", type=int, default=None,
+                        help="convert: steps of the distillation")  # fmt: skip
     parser.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
     parser.add_argument(
@@ -121,8 +141,43 @@ _FIELDS = {
 }
 
 
+_CONVERT_FIELDS = {
+    "seeds": "seeds",
+    "stock_steps": "stock_steps",
+    "convert_steps": "convert_steps",
+    "distill_steps": "distill_steps",
+    "batch_size": "batch_size",
+    "train_tokens": "train_tokens",
+    "weights": "flex_weights",
+    "eval_tokens": "eval_tokens",
+    "eval_per_kind": "eval_per_kind",
+    "threads": "threads",
+    "kinds": "kinds",
+    "board": "board",
+}
+
+
 def run(args: argparse.Namespace) -> int:
-    from flexproj.demo import DemoConfig, quick_config, run_demo
+    from flexproj.demo import (
+        ConvertConfig,
+        DemoConfig,
+        quick_config,
+        quick_convert_config,
+        run_convert,
+        run_demo,
+    )
+
+    workers = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
+    if args.experiment == "convert":
+        fields = {
+            field: getattr(args, arg)
+            for arg, field in _CONVERT_FIELDS.items()
+            if getattr(args, arg) is not None
+        }
+        fields["family"] = args.family
+        ccfg = quick_convert_config(**fields) if args.quick else ConvertConfig(**fields)
+        run_convert(ccfg, args.out, workers=workers)
+        return 0
 
     overrides: dict[str, Any] = {
         field: getattr(args, arg)
@@ -134,6 +189,5 @@ def run(args: argparse.Namespace) -> int:
     if "train_tokens" in overrides and "flex_weights" not in overrides:
         overrides["flex_weights"] = (1.0,) * len(overrides["train_tokens"])
     cfg = quick_config(**overrides) if args.quick else DemoConfig(**overrides)
-    workers = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
     run_demo(cfg, args.out, workers=workers)
     return 0
