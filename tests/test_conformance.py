@@ -24,7 +24,6 @@ import flexproj
 from flexproj.testing import FAMILIES, IMAGE_PLACEHOLDER, tiny_images, tiny_vlm
 
 SIZES = [(64, 96), (96, 64), (64, 64)]  # (width, height) of the batch's three images
-NATIVE = {"qwen2_vl": None, "qwen2_5_vl": None, "qwen3_vl": None}  # others: 64 per unit
 pytestmark = pytest.mark.parametrize("family", FAMILIES)
 
 
@@ -185,10 +184,12 @@ def test_bad_budgets_are_budget_errors(family):
     with flexproj.tokens(np.int64(4)):  # integer-like values are budgets
         inputs = encode(processor, family)
     assert sum(placeholders(model, inputs)) < sum(placeholders(model, encode(processor, family)))
-    if NATIVE.get(family, 64) is None:  # Qwen caps each image at its own grid
+    native = flexproj.registry.adapter_for(model).native_tokens(model)
+    if native is None:  # Qwen caps each image at its own grid
         with flexproj.tokens(10_000):
             generate(model, encode(processor, family))
     else:
+        assert native == 64  # the tiny geometry: an 8x8 grid per image, crop or tile
         with flexproj.tokens(65), pytest.raises(flexproj.BudgetError, match="native 64"):
             encode(processor, family)
 

@@ -184,3 +184,27 @@ def test_the_checker_allows_imports_downwards_and_within_a_layer():
     assert {path: violations(source, path) for path, source in sources.items()} == {
         path: [] for path in sources
     }
+
+
+def raised_untyped(source: str) -> list[int]:
+    """Lines of ``raise SystemExit`` / ``raise RuntimeError`` (exception or call) in ``source``."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            if isinstance(exc, ast.Name) and exc.id in ("SystemExit", "RuntimeError"):
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_library_code_raises_typed_flexproj_errors():
+    """Below the CLI (whose commands return exit statuses), errors are flexproj's own."""
+    found = {
+        str(f): lines
+        for f in source_files()
+        if layer(module_name(f)) != "cli"
+        and (lines := raised_untyped((ROOT / f).read_text(encoding="utf-8")))
+    }
+    assert found == {}
+    assert raised_untyped("def f():\n    raise SystemExit(2)\nraise RuntimeError\n") == [2, 3]
+    assert raised_untyped("raise PatchError('x')\nraise\n") == []
