@@ -157,17 +157,23 @@ def _qwen2_vl_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     }
 
 
+#: the Qwen2.5-VL / Qwen3-VL vision tower (Qwen2-VL's names its widths differently)
+_QWEN2_5_VISION: dict[str, Any] = {
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 4,
+    "out_hidden_size": TEXT["hidden_size"],
+    "patch_size": PATCH,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+
+
 def _qwen2_5_vl_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     return {
         "vision_config": {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 4,
-            "out_hidden_size": TEXT["hidden_size"],
-            "patch_size": PATCH,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
+            **_QWEN2_5_VISION,
             "window_size": 32,  # pixels: 32 // merge 2 // patch 8 = 2x2 merged units per window
             "fullatt_block_indexes": [1],  # layer 0 windowed, layer 1 full
         },
@@ -179,14 +185,7 @@ def _qwen2_5_vl_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
 def _qwen3_vl_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     return {
         "vision_config": {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 4,
-            "out_hidden_size": TEXT["hidden_size"],
-            "patch_size": PATCH,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
+            **_QWEN2_5_VISION,
             "num_position_embeddings": 64,  # 8x8 learned grid, bilinearly interpolated
             "deepstack_visual_indexes": [0, 1],
         },
