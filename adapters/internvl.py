@@ -186,6 +186,7 @@ class InternVLAdapter(FamilyAdapter):
     processor_classes: ClassVar[tuple[type, ...]] = (InternVLProcessor,)
     unit = "tile"
     recipe = "internvl"
+    tiny = "flexproj.adapters.internvl_tiny"
 
     def base(self, model: Model) -> InternVLModel:
         """The ``InternVLModel`` that owns the vision tower and projector."""

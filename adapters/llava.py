@@ -128,6 +128,7 @@ class LlavaAdapter(FamilyAdapter):
     processor_classes: ClassVar[tuple[type, ...]] = (LlavaProcessor,)
     unit = "image"
     recipe = "llava"
+    tiny = "flexproj.adapters.llava_tiny"
     #: replaces ``pack_image_features`` (AnyRes families), or None
     packer: ClassVar[Callable[..., Any] | None] = None
 

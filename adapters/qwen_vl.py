@@ -77,6 +77,7 @@ from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import nn
 from transformers import (
     Qwen2_5_VLForConditionalGeneration,
@@ -158,9 +159,9 @@ def _units_to_patch_rows(
     out, start = [], 0
     for t, H, W in grids:
         n = t * (H // merge) * (W // merge)
-        x = units[start : start + n].reshape(t, H // merge, W // merge, merge, merge, C)
-        x = x.permute(0, 1, 3, 2, 4, 5)  # (t, H/m, m, W/m, m, C): rows, then columns
-        out.append(x.reshape(t * H * W, C))
+        pattern = "(t h w) (mh mw c) -> (t h mh w mw) c"  # rows, then columns, of patches
+        rows = rearrange(units[start : start + n], pattern, t=t, h=H // merge, mh=merge, c=C)
+        out.append(rows)
         start += n
     if start != units.shape[0]:
         raise ValueError(
@@ -220,6 +221,7 @@ class Qwen2VLAdapter(FamilyAdapter):
     unit = "image or temporal patch"
     caps_budget = True
     recipe = "qwen_vl"
+    tiny = "flexproj.adapters.qwen_vl_tiny"
 
     # --- model side -------------------------------------------------------
     def base(self, model: nn.Module) -> Any:

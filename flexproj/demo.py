@@ -875,6 +875,7 @@ ROW_LABELS = {
     "distilled": "distilled FlexProjector, no LLM training",
     "tokenflex_align": "TokenFLEX: distilled + flex recipe (align)",
     "tokenflex_finetune": "TokenFLEX: distilled + flex recipe (finetune)",
+    "tokenflex_per_sample": "TokenFLEX, one budget per sample: distilled + flex recipe (align)",
     "pool_after_flex": "pool-after + flex recipe (align)",
 }
 
@@ -885,13 +886,14 @@ class ConvertConfig:
 
     family: str = "llava"
     # the stock reference: projector + LLM trained at the native budget from a random init
-    stock_steps: int = 800
+    # (the default run is sized to finish in minutes on 2 CPU cores: docs/DEMO.md)
+    stock_steps: int = 200
     stock_lr: float = 3e-3
     # conversion: K optimiser steps per recipe row (a fraction of the stock training)
-    convert_steps: int = 160  # 20% of the stock training
+    convert_steps: int = 40  # 20% of the stock training
     align_lr: float = 3e-3
     finetune_lr: float = 1e-3
-    distill_steps: int = 100
+    distill_steps: int = 40
     distill_lr: float = 3e-3
     batch_size: int = 24
     warmup_ratio: float = 0.05
@@ -903,7 +905,7 @@ class ConvertConfig:
     image_size: int | None = None
     kinds: tuple[str, ...] = ("colour", "position")
     board: int = 4
-    eval_per_kind: int = 100
+    eval_per_kind: int = 50
     eval_batch_size: int = 100
     eval_seed: int = 1_000_003
     data_seed: int = 7
@@ -1069,10 +1071,12 @@ def _vision_tokens(out: Path) -> int:
 
 def _evaluate_run(
     run_dir: Path, cfg: ConvertConfig, eval_json: Path
-) -> dict[str, dict[str, float]]:
-    """Accuracy per budget (all questions and per kind) with the recipe evaluator."""
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Accuracy per budget (all questions and per kind) with the recipe evaluator, and the
+    automatic budget's chosen point over the ladder of training budgets + native
+    (``flexproj eval --auto``'s sweep: what ``flexproj.adaptive_generate`` would do)."""
     from flexproj.recipes.data import ConversationDataset
-    from flexproj.recipes.evaluate import evaluate_model, load_run
+    from flexproj.recipes.evaluate import auto_sweep, evaluate_model, load_run
 
     run = load_run(run_dir)
     dataset = ConversationDataset(eval_json)
@@ -1080,7 +1084,10 @@ def _evaluate_run(
         run, dataset, list(cfg.eval_tokens or ()), batch_size=cfg.eval_batch_size,
         max_new_tokens=3, prefill_repeats=0, progress=False, log=lambda _m: None, with_loss=False,
     )  # fmt: skip
-    return {str(r["tokens"]): {"all": r["accuracy"], **r["accuracy_by_kind"]} for r in results}
+    accuracy = {str(r["tokens"]): {"all": r["accuracy"], **r["accuracy_by_kind"]} for r in results}
+    ladder = {*(cfg.train_tokens or ()), cfg.native_tokens}
+    chosen = auto_sweep([r for r in results if r["tokens"] in ladder])["chosen"]
+    return accuracy, chosen
 
 
 def run_convert_task(cfg: ConvertConfig, seed: int, task: str, work: str) -> dict[str, Any]:
@@ -1126,6 +1133,7 @@ def run_convert_task(cfg: ConvertConfig, seed: int, task: str, work: str) -> dic
                                     lr=cfg.stock_lr, extra=["--projector", "stock"])  # fmt: skip
             else:
                 stage = "finetune" if task == "tokenflex_finetune" else "align"
+                per_sample = ["--per_sample", "true"] if task == "tokenflex_per_sample" else []
                 lr = cfg.finetune_lr if stage == "finetune" else cfg.align_lr
                 if task.startswith("fixed_"):
                     schedule = f"fixed:{task.removeprefix('fixed_')}"
@@ -1134,7 +1142,7 @@ def run_convert_task(cfg: ConvertConfig, seed: int, task: str, work: str) -> dic
                 extra = (
                     ["--projector", "stock"]
                     if task == "pool_after_flex"
-                    else ["--init", str(seed_dir / "distilled"), "--kernel", "eager"]
+                    else ["--init", str(seed_dir / "distilled"), "--kernel", "eager", *per_sample]
                 )
                 argv = _recipe_argv(cfg, seed, spec, stock_model, out, stage=stage,
                                     schedule=schedule, steps=cfg.convert_steps, lr=lr, extra=extra)  # fmt: skip
@@ -1146,7 +1154,7 @@ def run_convert_task(cfg: ConvertConfig, seed: int, task: str, work: str) -> dic
                 images=summary["global_step"] * cfg.batch_size,
             )  # fmt: skip
         record["wall_s"] = time.perf_counter() - start
-        record["accuracy"] = _evaluate_run(out, cfg, eval_json)
+        record["accuracy"], record["auto"] = _evaluate_run(out, cfg, eval_json)
     log_file.write_text(buffer.getvalue())
     return record
 
@@ -1159,7 +1167,12 @@ DEPENDS = {"stock": (), "distilled": ("stock",), "pool_after_flex": ("stock",)}
 
 
 def _tasks(cfg: ConvertConfig) -> list[str]:
-    recipe_rows = ["tokenflex_align", "tokenflex_finetune", "pool_after_flex"]
+    recipe_rows = [
+        "tokenflex_align",
+        "tokenflex_finetune",
+        "tokenflex_per_sample",
+        "pool_after_flex",
+    ]
     return ["stock", "distilled", *recipe_rows, *(f"fixed_{n}" for n in cfg.train_tokens or ())]
 
 
@@ -1306,9 +1319,23 @@ def convert_results(cfg: ConvertConfig, records: Sequence[dict[str, Any]]) -> di
             distilled = by_task["distilled"]
             cost["distill_steps"] = cfg.distill_steps
             cost["distill_s"] = statistics.fmean(r["train_s"] for r in distilled)
+        autos = [s["auto"] for s in seeds]  # pool_after: the stock run, evaluated pooled
         rows[row] = {
             "label": row_label(row),
             "accuracy": accuracy,
+            # flexproj.adaptive_generate over training budgets + native (chosen threshold)
+            "auto": {
+                "accuracy": _mean_spread([a["accuracy"] for a in autos]),
+                "vision_tokens_per_image": _mean_spread(
+                    [a["vision_tokens_per_image_spent"] for a in autos]
+                ),
+                "mean_budget_by_kind": {
+                    k: statistics.fmean(a["mean_budget_by_kind"].get(k, 0) for a in autos)
+                    for k in cfg.kinds
+                },
+            }
+            if autos and row != "stock"
+            else None,
             "seeds": [
                 {"seed": s["seed"], "accuracy": {n: s["accuracy"][n] for n in cols}} for s in seeds
             ],
@@ -1397,6 +1424,29 @@ def format_convert_report(results: dict[str, Any]) -> str:
             f"| {rec['label']} | {steps} | {c['vision_tokens'] / 1e6:.3f} M | {train_s:.1f} | "
             f"{rel['steps']:.0%} / {rel['vision_tokens']:.0%} / {rel['train_s']:.0%} |"
         )
+    autos = [rec for rec in results["rows"].values() if rec.get("auto")]
+    if autos:
+        kinds = results["kinds"]
+        parts += [
+            "",
+            "Automatic budget (flexproj.adaptive_generate over the training budgets + native; "
+            "the cheapest threshold within 1 point of the native budget's accuracy, chosen per "
+            "seed on the evaluation set, as `flexproj eval --auto` does):",
+            "| row | accuracy | vision tokens / image spent | "
+            + " | ".join(f"mean budget: {k}" for k in kinds)
+            + " |",
+            "|---|---|---|" + "---|" * len(kinds),
+        ]
+        for rec in autos:
+            auto = rec["auto"]
+            seeds = len(rec["seeds"])
+            tokens = auto["vision_tokens_per_image"]
+            spread = f" ± {tokens['std']:.1f}" if seeds > 1 else ""
+            parts.append(
+                f"| {rec['label']} | {_cell(auto['accuracy'], seeds)} | {tokens['mean']:.1f}{spread} | "
+                + " | ".join(f"{auto['mean_budget_by_kind'][k]:.1f}" for k in kinds)
+                + " |"
+            )
     if results["distill"]:
         parts += ["", "Distillation (mean over seeds; fixed probe batch): per budget, cosine and "
                   "relative MSE to the pooled stock outputs, before -> after:"]  # fmt: skip

@@ -266,6 +266,8 @@ class FamilyAdapter(abc.ABC):
     caps_budget: ClassVar[bool] = False
     #: the flexproj.recipes module that trains this family (``flexproj train <recipe>``)
     recipe: ClassVar[str | None] = None
+    #: the module declaring this family's tiny variants (``TINY``) and bench shape (``BENCH``)
+    tiny: ClassVar[str | None] = None
 
     # --- model side -------------------------------------------------------
     @abc.abstractmethod

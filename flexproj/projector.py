@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from flexproj.kernels.registry import check_backend_name, silu_mul, swiglu
-from flexproj.pooling import Grid, check_token_count, pool_grid, pool_packed, target_grid
+from flexproj.pooling import Grid, check_token_count, pool_grid, target_grid
 
 TokenSpec = int | tuple[int, int]
 
@@ -170,15 +170,6 @@ class FlexProjector(nn.Module):
         src = self._source_grid(x.shape[1], grid)
         dst = self.output_grid(tokens, src, allow_upsample=allow_upsample)
         return self.project(pool_grid(x, src, dst, allow_upsample=allow_upsample))
-
-    def forward_packed(
-        self,
-        x: torch.Tensor,
-        grids: Sequence[Sequence[int]],
-        targets: Sequence[Sequence[int]],
-    ) -> torch.Tensor:
-        """Packed form: ``(sum H_i*W_i, in_dim) -> (sum h_i*w_i, out_dim)``."""
-        return self.project(pool_packed(x, grids, targets))
 
     @staticmethod
     def _source_grid(length: int, grid: Sequence[int] | None) -> Grid:

@@ -20,17 +20,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from flexproj.errors import FlexprojError
+from flexproj.errors import ConfigError
 from flexproj.schedule import TokenSchedule, parse_schedule
 
 __all__ = ["ConfigError", "RecipeConfig", "load_config_file", "parse_args"]
 
 STAGES = ("align", "finetune")
 CHECKPOINT_FILE = "flexproj.safetensors"
-
-
-class ConfigError(FlexprojError, ValueError):
-    """A recipe option or config file that cannot work; raised before anything loads."""
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:

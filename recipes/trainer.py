@@ -49,14 +49,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import flexproj
 from flexproj._types import Model
-from flexproj.errors import BudgetError, FlexprojError
+from flexproj.errors import BudgetError, FlexprojError, PatchError
 from flexproj.recipes.config import ConfigError, RecipeConfig, parse_args
 from flexproj.recipes.data import Batcher, ConversationDataset, collate_examples
 from flexproj.recipes.family import FamilyRecipe, get_recipe
 from flexproj.registry import adapter_for
 from flexproj.schedule import TokenSchedule
 
-__all__ = ["FlexTrainer", "main", "train"]
+__all__ = ["FlexTrainer", "main", "set_trainable", "train"]
 
 TRAINABLE_NAME = "trainable.safetensors"
 RECIPE_NAME = "recipe.json"
@@ -75,7 +75,7 @@ def _module_name(root: nn.Module, target: nn.Module) -> str:
     for name, module in root.named_modules():
         if module is target:
             return name
-    raise RuntimeError("the FlexProjector is not a submodule of the trained model")
+    raise PatchError("the FlexProjector is not a submodule of the trained model")
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -259,14 +259,20 @@ def _mean(values: list[int]) -> float | int:
 # ----------------------------------------------------------------------------- set-up
 
 
-def _set_trainable(model: Model, recipe: FamilyRecipe, config: RecipeConfig) -> None:
-    """Freeze everything, then unfreeze the projector (+ the LLM for full finetune)."""
+def set_trainable(model: Model, recipe: FamilyRecipe, *, llm: bool) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the projector (+ the LLM with ``llm``: full
+    finetune); returns the trainable parameters. The vision tower always stays frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
-    if config.stage == "finetune" and not config.lora:
+    if llm:
         for module in recipe.llm_modules(model):
             module.requires_grad_(True)
     flexproj.get_projector(model).requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _set_trainable(model: Model, recipe: FamilyRecipe, config: RecipeConfig) -> None:
+    set_trainable(model, recipe, llm=config.stage == "finetune" and not config.lora)
 
 
 def _apply_lora(model: Model, recipe: FamilyRecipe, config: RecipeConfig) -> nn.Module:

@@ -21,6 +21,7 @@ from flexproj.bench.report import markdown_table
 from flexproj.bench.timing import Stopwatch, measure, summarize
 from flexproj.bench.train import sample_budgets
 from flexproj.cli import main
+from flexproj.errors import ConfigError
 
 
 def positive(x) -> bool:
@@ -129,9 +130,9 @@ def test_bench_kernels_quick(tmp_path, capsys):
 
 
 def test_bench_kernels_rejects_unknown_names():
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="unknown shape"):
         kbench.run_kernels(shapes=["nope"], quick=True, log=lambda s: None)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="unknown backend"):
         kbench.run_kernels(backends=["fast"], quick=True, log=lambda s: None)
 
 

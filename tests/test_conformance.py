@@ -24,7 +24,6 @@ import flexproj
 from flexproj.testing import FAMILIES, IMAGE_PLACEHOLDER, tiny_images, tiny_vlm
 
 SIZES = [(64, 96), (96, 64), (64, 64)]  # (width, height) of the batch's three images
-NATIVE = {"qwen2_vl": None, "qwen2_5_vl": None, "qwen3_vl": None}  # others: 64 per unit
 pytestmark = pytest.mark.parametrize("family", FAMILIES)
 
 
@@ -167,17 +166,24 @@ def test_mismatched_inputs_raise_one_error(family, mode, monkeypatch):
     with flexproj.tokens(9):
         inputs = encode(processor, family)
     built = sum(placeholders(model, inputs))
+    with flexproj.tokens(4):
+        produced = sum(placeholders(model, encode(processor, family)))
+    message = rf"carry {built} image placeholder tokens but the patched model produces {produced} image features"
     for env in ("0", "1"):  # the guard does not depend on transformers' own check
         monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", env)
         for call in (logits, generate):
-            with (
-                flexproj.tokens(4),
-                pytest.raises(flexproj.TokenCountMismatch, match=rf"carry {built} image"),
-            ):
+            with flexproj.tokens(4), pytest.raises(flexproj.TokenCountMismatch, match=message):
                 call(model, inputs)
 
 
 def test_bad_budgets_are_budget_errors(family):
+    model, processor = tiny_vlm(family)
+    adapter = flexproj.registry.adapter_for(model)
+    native = adapter.native_tokens(model)
+    for bad in (0, -3, 2.5, 8.0, "16", True, *([native + 1] if native else [])):
+        with pytest.raises(flexproj.BudgetError, match=r"positive int|native"):
+            flexproj.patch(model, processor, tokens=bad)
+        assert not flexproj.is_patched(model)
     model, processor = patched(family)
     for bad in (0, -3, 2.5, "16", True, None):
         with pytest.raises(flexproj.BudgetError, match="positive int"):
@@ -185,12 +191,18 @@ def test_bad_budgets_are_budget_errors(family):
     with flexproj.tokens(np.int64(4)):  # integer-like values are budgets
         inputs = encode(processor, family)
     assert sum(placeholders(model, inputs)) < sum(placeholders(model, encode(processor, family)))
-    if NATIVE.get(family, 64) is None:  # Qwen caps each image at its own grid
+    if native is None:  # Qwen caps each image at its own grid
         with flexproj.tokens(10_000):
             generate(model, encode(processor, family))
     else:
-        with flexproj.tokens(65), pytest.raises(flexproj.BudgetError, match="native 64"):
-            encode(processor, family)
+        assert native == 64  # the tiny geometry: an 8x8 grid per image, crop or tile
+        inputs = encode(processor, family)
+        above = rf"a budget of 65 vision tokens per {adapter.unit} exceeds this model's native 64"
+        with flexproj.tokens(65):
+            with pytest.raises(flexproj.BudgetError, match=above):
+                encode(processor, family)
+            with pytest.raises(flexproj.BudgetError, match=above):
+                logits(model, inputs)
 
 
 @with_modes

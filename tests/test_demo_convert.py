@@ -62,10 +62,25 @@ def test_costs_follow_the_schedules(quick_run):
         assert rec["cost"]["vision_tokens"] == n * converted
         assert rec["cost_vs_stock"]["steps"] == pytest.approx(cfg.convert_steps / cfg.stock_steps)
     low, high = min(cfg.train_tokens or ()), max(cfg.train_tokens or ())
-    for row in ("tokenflex_align", "tokenflex_finetune", "pool_after_flex"):
+    for row in ("tokenflex_align", "tokenflex_finetune", "tokenflex_per_sample", "pool_after_flex"):
         tokens = rows[row]["cost"]["vision_tokens"]
         assert low * converted <= tokens <= high * converted
     assert rows["distilled"]["cost"]["vision_tokens"] == 0  # the LLM sees nothing
+
+
+def test_the_automatic_budget_keeps_the_native_accuracy_within_a_point(quick_run):
+    """Each seed's chosen threshold stays within 1 point of that run's native accuracy, at no
+    more vision tokens per image than answering everything at native would spend in rungs."""
+    _, results = quick_run
+    rows = results["rows"]
+    native = str(results["native_tokens"])
+    assert rows["stock"]["auto"] is None
+    for name in ("tokenflex_align", "tokenflex_per_sample", "pool_after"):
+        rec = rows[name]
+        native_acc = statistics.fmean(s["accuracy"][native]["all"] for s in rec["seeds"])
+        assert rec["auto"]["accuracy"]["mean"] >= native_acc - 0.01 - 1e-9
+        assert rec["auto"]["vision_tokens_per_image"]["mean"] > 0
+        assert set(rec["auto"]["mean_budget_by_kind"]) == set(results["kinds"])
 
 
 def test_distillation_lowers_the_error_at_every_budget(quick_run):

@@ -72,3 +72,104 @@ def test_info_lists_the_backends_it_found(capsys):
         assert ("unavailable" in line) == (reason is not None), line
     assert "auto on cpu/float32: eager" in out
     assert "model types: " in out and "llava" in out
+
+
+# --------------------------------------------------------------------------- dependencies
+
+#: declared, never imported by our code, and why
+NOT_IMPORTED = {
+    "accelerate": "transformers.Trainer (the recipes) needs it at run time",
+    "ruff": "a command (make lint)",
+    "mypy": "a command (make typecheck)",
+}
+
+
+def _requirement_name(spec: str) -> str:
+    import re
+
+    return re.split(r"[\s<>=!~;\[]", spec, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _imported_top_level_modules() -> set[str]:
+    import ast
+
+    found = set()
+    for folder in ("flexproj", "adapters", "recipes", "tests", "examples"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    found |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    found.add(node.module.split(".")[0])
+    return found
+
+
+def test_every_declared_dependency_is_imported():
+    """No declared dependency (core or extra) that no code of ours imports."""
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_requirement_name(s) for s in project["dependencies"]}
+    for extra in project["optional-dependencies"].values():
+        declared |= {_requirement_name(s) for s in extra if not s.startswith("flexproj")}
+    distributions: dict[str, set[str]] = {}
+    for module, dists in packages_distributions().items():
+        for dist in dists:
+            distributions.setdefault(dist.lower().replace("_", "-"), set()).add(module)
+    imported = _imported_top_level_modules()
+    unused = {
+        name
+        for name in declared - NOT_IMPORTED.keys()
+        if not distributions.get(name, {name}) & imported
+    }
+    assert unused == set()
+
+
+def _run_without(module: str, code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where ``module`` cannot be imported."""
+    prelude = f"import sys; sys.modules[{module!r}] = None\n"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_flexproj_testing_without_pillow_names_the_extra():
+    result = _run_without(
+        "PIL",
+        "import flexproj, flexproj.errors\n"
+        "try:\n"
+        "    import flexproj.testing\n"
+        "except flexproj.errors.MissingExtraError as exc:\n"
+        "    print(exc)\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "flexproj.testing needs Pillow, which a plain install does not bring: "
+        "pip install 'flexproj[test]'"
+    ]
+
+
+def test_flexproj_demo_without_matplotlib_stops_with_one_line():
+    result = _run_without(
+        "matplotlib",
+        "import sys\nfrom flexproj.cli import main\nsys.exit(main(['demo', '--quick']))\n",
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: flexproj demo needs matplotlib, which a plain install does not bring: "
+        "pip install 'flexproj[train]'"
+    ]
+
+
+def test_patching_needs_no_extra():
+    """``flexproj.patch`` and the family adapters import without Pillow or matplotlib."""
+    result = _run_without(
+        "PIL",
+        "sys.modules['matplotlib'] = None\n"
+        "import flexproj\n"
+        "from flexproj.registry import load_adapters\n"
+        "print(sorted(load_adapters()) == flexproj.supported_models())\n",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "True"

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import flexproj
 from flexproj.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from flexproj.testing import IMAGE_PLACEHOLDER, tiny_images, tiny_vlm
+from flexproj.testing import tiny_vlm
 
 
 def tiny_llama():
@@ -29,37 +29,6 @@ def test_unsupported_model_names_the_supported_types():
     ):
         flexproj.patch(tiny_llama())
     assert isinstance(flexproj.UnsupportedModelError("x"), TypeError)
-
-
-@pytest.mark.parametrize(
-    ("tokens", "error", "match"),
-    [
-        (0, flexproj.BudgetError, "positive"),
-        (-4, flexproj.BudgetError, "positive"),
-        (65, flexproj.BudgetError, "exceeds this model's native 64"),
-        (8.0, flexproj.BudgetError, "positive int"),
-        ("16", flexproj.BudgetError, "positive int"),
-    ],
-)
-def test_bad_default_budgets(tokens, error, match):
-    model, processor = tiny_vlm("llava")
-    with pytest.raises(error, match=match):
-        flexproj.patch(model, processor, tokens=tokens)
-    assert not flexproj.is_patched(model)
-
-
-def test_budget_above_native_at_call_time():
-    model, processor = tiny_vlm("llava")
-    flexproj.patch(model, processor, tokens=16)
-    text = [f"{IMAGE_PLACEHOLDER['llava']} what"]
-    with (
-        flexproj.tokens(100),
-        pytest.raises(flexproj.BudgetError, match="exceeds this model's native 64"),
-    ):
-        processor(text=text, images=tiny_images([(64, 64)]), return_tensors="pt")
-    inputs = processor(text=text, images=tiny_images([(64, 64)]), return_tensors="pt")
-    with flexproj.tokens(100), pytest.raises(flexproj.BudgetError, match="native 64"):
-        model(**inputs)
 
 
 def test_failed_patch_leaves_the_model_as_it_was():

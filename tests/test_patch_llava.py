@@ -1,7 +1,7 @@
-"""flexproj.patch on LLaVA-1.5 (CLIP/default and SigLIP/full), LLaVA-NeXT and OneVision:
-tiny real models driven through forward and generate with their real processors."""
-
-import threading
+"""What is specific to LLaVA-1.5 (CLIP/default and SigLIP/full), LLaVA-NeXT and OneVision:
+exact placeholder counts, per-crop projector shapes, non-square budgets. The shared
+contract (generate, unpatch, gradients, save/load, mismatch errors, threads, bad budgets)
+runs over every family in tests/test_conformance.py."""
 
 import pytest
 import torch
@@ -44,7 +44,9 @@ class ProjectorOutputs:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_generate_at_three_budgets(family):
+def test_counts_and_crop_shapes_at_three_budgets(family):
+    """Exact placeholder counts and per-crop projector outputs (generate at several budgets:
+    tests/test_conformance.py)."""
     model, processor, texts = build(family)
     with torch.no_grad():
         stock_counts = placeholders(model, encode(processor, texts))
@@ -52,10 +54,9 @@ def test_generate_at_three_budgets(family):
     recorder = ProjectorOutputs(model)
     counts = {}
     for n in BUDGETS:
-        with flexproj.tokens(n):
+        with flexproj.tokens(n), torch.no_grad():
             inputs = encode(processor, texts)
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+            model(**inputs)
         counts[n] = placeholders(model, inputs)
         # every crop was pooled to the budget's grid (n is a square here)
         _, tokens_per_crop, width = recorder.shapes[-1]
@@ -82,67 +83,6 @@ def test_non_square_budget_uses_target_grid(family):
     recorder.close()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_forward_loss_and_gradient_reaches_only_the_projector(family):
-    model, processor, texts = build(family)
-    flexproj.patch(model, processor, tokens=9)
-    model.requires_grad_(False)
-    projector = flexproj.get_projector(model)
-    projector.requires_grad_(True)
-    model.train()
-    inputs = encode(processor, texts)
-    out = model(**inputs, labels=inputs["input_ids"])
-    assert torch.isfinite(out.loss)
-    out.loss.backward()
-    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    assert grads, "no gradient at all"
-    assert all("multi_modal_projector.projector." in name for name in grads)
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
-    assert {id(p) for p in projector.parameters()} == {
-        id(p) for name, p in model.named_parameters() if name in grads
-    }
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_unpatch_restores_logits_exactly(family):
-    model, processor, texts = build(family)
-    stock_inputs = encode(processor, texts)
-    original = model.model.multi_modal_projector
-    with torch.no_grad():
-        before = model(**stock_inputs).logits
-    flexproj.patch(model, processor, tokens=4)
-    assert model.model.multi_modal_projector is not original
-    flexproj.unpatch(model)
-    assert model.model.multi_modal_projector is original
-    assert "get_placeholder_mask" not in vars(model.model)
-    assert "replace_image_token" not in vars(processor)
-    assert not flexproj.is_patched(model)
-    after_inputs = encode(processor, texts)  # the processor counts as stock again
-    assert torch.equal(after_inputs["input_ids"], stock_inputs["input_ids"])
-    with torch.no_grad():
-        assert torch.equal(model(**after_inputs).logits, before)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_save_load_round_trip(family, tmp_path):
-    model, processor, texts = build(family)
-    flexproj.patch(model, processor, tokens=9)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in flexproj.get_projector(model).parameters():
-            p.add_(torch.randn_like(p))  # make the weights differ from a fresh init
-    flexproj.save_pretrained(model, tmp_path / "proj")
-    with flexproj.tokens(4), torch.no_grad():
-        expected = model(**encode(processor, texts)).logits
-
-    fresh, fresh_processor, _ = build(family)
-    flexproj.from_pretrained(fresh, tmp_path / "proj", fresh_processor)
-    assert flexproj.patch_info(fresh).default_tokens == 9
-    with flexproj.tokens(4), torch.no_grad():
-        got = fresh(**encode(fresh_processor, texts)).logits
-    assert torch.equal(got, expected)
-
-
 def test_from_pretrained_replaces_a_patched_projector(tmp_path):
     model, processor, texts = build("llava")
     flexproj.patch(model, processor, tokens=9)
@@ -158,53 +98,11 @@ def test_from_pretrained_replaces_a_patched_projector(tmp_path):
     assert placeholders(other, encode(other_processor, texts)) == [4, 4]
 
 
-def test_mismatch_error_names_both_counts():
-    model, processor, texts = build("llava")
-    flexproj.patch(model, processor, tokens=16)
-    with flexproj.tokens(9):
-        inputs = encode(processor, texts)
-    with (
-        flexproj.tokens(4),
-        pytest.raises(
-            flexproj.TokenCountMismatch,
-            match=r"carry 18 image placeholder tokens but the patched model produces 8",
-        ),
-    ):
-        model(**inputs)
-
-
 def test_unpatched_processor_with_patched_model_is_a_mismatch():
     model, processor, texts = build("llava")
     flexproj.patch(model, tokens=16)
     with pytest.raises(flexproj.TokenCountMismatch, match=r"carry 128 .* produces 32"):
         model(**encode(processor, texts))
-
-
-def test_budgets_in_two_threads_do_not_leak():
-    model, processor, texts = build("llava")
-    flexproj.patch(model, processor, tokens=16)
-    results, errors = {}, []
-    barrier = threading.Barrier(2)
-
-    def worker(n):
-        try:
-            with flexproj.tokens(n):
-                barrier.wait()
-                inputs = encode(processor, texts)
-                barrier.wait()
-                with torch.no_grad():
-                    model(**inputs)
-                results[n] = placeholders(model, inputs)
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in (4, 36)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert results == {4: [4, 4], 36: [36, 36]}
 
 
 def test_default_budget_and_nested_blocks():

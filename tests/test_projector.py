@@ -122,14 +122,6 @@ def test_state_dict_round_trip_is_plain_torch():
     }
 
 
-def test_packed_forward_matches_batched():
-    proj = FlexProjector(4, 3)
-    a, b = torch.randn(6 * 4, 4), torch.randn(2 * 2, 4)
-    out = proj.forward_packed(torch.cat([a, b]), [(6, 4), (2, 2)], [(3, 2), (1, 1)])
-    torch.testing.assert_close(out[:6], proj(a[None], tokens=(3, 2), grid=(6, 4))[0])
-    torch.testing.assert_close(out[6:], proj(b[None], tokens=(1, 1), grid=(2, 2))[0])
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(dtype):
     proj = FlexProjector(8, 8).to(dtype)

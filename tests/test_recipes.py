@@ -20,19 +20,29 @@ import flexproj
 from flexproj.errors import BudgetError
 from flexproj.recipes.config import ConfigError, parse_args
 from flexproj.recipes.data import Batcher, DataError, load_records
-from flexproj.recipes.family import get_recipe
+from flexproj.recipes.family import get_recipe, recipe_families
 from flexproj.recipes.trainer import main, train
 from flexproj.schedule import parse_schedule
+from flexproj.testing import tiny_specs
 from flexproj.testing.datasets import make_samples, write_llava_dataset
 
 SCHEDULE = "4:2,9:3,16:5"
-FAMILIES = {"llava": "llava", "qwen_vl": "qwen2_vl", "internvl": "internvl"}
-ADAPTER_TYPES = {"llava": "llava", "qwen_vl": "qwen2_vl", "internvl": "internvl"}
+#: recipe -> its default tiny model (also a model type), from the registered families
+FAMILIES = {r: get_recipe(r).default_tiny for r in recipe_families()}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_llava_dataset(make_samples(8, seed=0), tmp_path_factory.mktemp("data"))
+
+
+def test_recipes_take_the_tiny_variants_their_families_declare():
+    assert {"llava", "qwen_vl", "internvl"} <= set(FAMILIES)
+    for name in recipe_families():
+        recipe = get_recipe(name)
+        declared = [n for n, s in tiny_specs().items() if s.model_type in recipe.model_types]
+        assert sorted(recipe.tiny_families) == sorted(declared)
+        assert recipe.default_tiny in declared
 
 
 def args(family, data, out, *extra, steps=2):
@@ -70,7 +80,7 @@ def exact_match_rate(examples):
 
 
 def require_adapter(family):
-    model_type = ADAPTER_TYPES[family]
+    model_type = FAMILIES[family]
     if model_type not in flexproj.supported_models():
         pytest.skip(
             f"no flexproj adapter registered for {model_type!r} (adapters/{family}.py missing)"

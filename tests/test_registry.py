@@ -11,34 +11,53 @@ import pytest
 import flexproj
 from flexproj.family import FamilyAdapter
 from flexproj.registry import get_adapter, load_adapters, register_adapter, register_family
-from flexproj.testing import FAMILIES, tiny_vlm
-
-TINY_FAMILY_FOR = {
-    "llava": "llava",
-    "llava_next": "llava_next",
-    "llava_onevision": "llava_onevision",
-    "qwen2_vl": "qwen2_vl",
-    "qwen2_5_vl": "qwen2_5_vl",
-    "qwen3_vl": "qwen3_vl",
-    "internvl": "internvl",
-}
+from flexproj.testing import FAMILIES, tiny_spec, tiny_specs, tiny_vlm
 
 
 def test_supported_models_lists_every_family():
-    assert flexproj.supported_models() == sorted(TINY_FAMILY_FOR)
-    assert sorted(load_adapters()) == flexproj.supported_models()
+    """Every family module shipped in adapters/ is named by the registry, and loads."""
+    from pathlib import Path
+
+    folder = Path(flexproj.__file__).resolve().parent.parent / "adapters"
+    shipped = {
+        f"flexproj.adapters.{path.stem}"
+        for path in folder.glob("*.py")
+        if path.stem != "__init__" and not path.stem.endswith("_tiny")
+    }
+    adapters = load_adapters()
+    assert {type(adapter).__module__ for adapter in adapters.values()} == shipped
+    assert sorted(adapters) == flexproj.supported_models()
+    assert {"llava", "qwen2_vl", "internvl"} <= set(flexproj.supported_models())
 
 
-@pytest.mark.parametrize("model_type", sorted(TINY_FAMILY_FOR))
+def test_every_family_declares_tiny_variants_and_a_bench_shape():
+    """Each model type has a tiny variant of its own name and a bench shape, declared by
+    the module its adapter names; FAMILIES is every declared variant."""
+    from flexproj.testing.tiny_models import bench_shapes
+
+    specs = tiny_specs()
+    assert tuple(specs) == FAMILIES
+    assert set(flexproj.supported_models()) <= set(FAMILIES)
+    assert set(bench_shapes()) == set(flexproj.supported_models())
+    for name, spec in specs.items():
+        adapter = get_adapter(spec.model_type)
+        assert spec.name == name and adapter.tiny is not None
+        assert name in __import__(adapter.tiny, fromlist=["TINY"]).TINY
+        assert spec.model_cls in adapter.model_classes
+    assert tiny_spec("llava_siglip").model_type == "llava"
+    with pytest.raises(ValueError, match="unknown tiny VLM family 'llava_nope'"):
+        tiny_spec("llava_nope")
+
+
+@pytest.mark.parametrize("model_type", flexproj.supported_models())
 def test_registered_adapter_implements_the_interface(model_type):
     adapter = get_adapter(model_type)
     assert isinstance(adapter, FamilyAdapter)
     assert not inspect.isabstract(type(adapter))
     assert model_type in adapter.model_types
     assert adapter.model_classes and adapter.processor_classes
-    family = TINY_FAMILY_FOR[model_type]
-    assert family in FAMILIES
-    model, processor = tiny_vlm(family)
+    assert model_type in FAMILIES
+    model, processor = tiny_vlm(model_type)
     assert adapter.accepts(model)
     assert isinstance(processor, adapter.processor_classes)
     in_dim, out_dim = adapter.projector_dims(model)
@@ -90,7 +109,8 @@ def test_importing_and_patching_one_family_imports_no_other():
         print(sorted(m for m in sys.modules if m.startswith("flexproj.adapters.")))
         """
     )
-    assert out.strip() == "['flexproj.adapters.internvl']"
+    # the family's adapter and its tiny-model module, no other family
+    assert out.strip() == "['flexproj.adapters.internvl', 'flexproj.adapters.internvl_tiny']"
 
 
 def test_a_family_with_a_missing_class_fails_alone():

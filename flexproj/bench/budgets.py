@@ -68,11 +68,11 @@ def run_budgets(
     *, quick: bool, repeats: int, text_layers: int, new_tokens: int, threads: int | None
 ) -> dict[str, Any]:
     import flexproj
-    from flexproj.bench.e2e import SPECS
     from flexproj.testing import IMAGE_PLACEHOLDER, tiny_images, tiny_vlm
+    from flexproj.testing.tiny_models import bench_shapes
 
     set_threads(threads)
-    spec = SPECS["llava"]
+    spec = bench_shapes()["llava"]
     overrides = spec.overrides(
         text_hidden=1024, text_layers=text_layers, vision_layers=2, quick=quick
     )

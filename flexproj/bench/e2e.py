@@ -26,7 +26,7 @@ import argparse
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,192 +44,33 @@ from flexproj.bench.report import (
     set_threads,
 )
 from flexproj.bench.timing import Stopwatch, summarize
+from flexproj.errors import ConfigError
+from flexproj.registry import supported_models
 
-__all__ = ["SPECS", "E2ESpec", "add_arguments", "kv_cache_bytes", "run", "run_e2e"]
+if TYPE_CHECKING:
+    from flexproj.testing.tiny_models import BenchShape
+
+__all__ = [
+    "add_arguments",
+    "bench_prompt",
+    "image_token_id",
+    "kv_cache_bytes",
+    "run",
+    "run_e2e",
+]
 
 DEFAULT_TOKENS = (64, 144, 256)
 
 
-@dataclass(frozen=True)
-class E2ESpec:
-    """How to build one family at realistic widths (``tiny_vlm`` overrides)."""
-
-    family: str  # tiny_vlm family == config.model_type
-    image: tuple[int, int]  # (width, height) of the one image per prompt, pixels
-    native_budget: int  # the budget that reproduces the stock count per unit
-    vision: dict[str, Any]  # vision_config overrides (width, grid); depth is added
-    text_kind: str  # "llama" (MHA, Vicuna-like) or "qwen2" (GQA 4 query heads per KV head)
-    top: dict[str, Any] = field(default_factory=dict)  # top-level config overrides
-    image_processor: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
-    depth_key: str = "num_hidden_layers"
-
-    def overrides(
-        self, *, text_hidden: int, text_layers: int, vision_layers: int, quick: bool
-    ) -> dict[str, Any]:
-        vision = dict(self.vision)
-        if quick:  # same grid, tiny widths
-            for key in ("hidden_size", "embed_dim"):
-                if key in vision:
-                    vision[key] = 32
-            for key in ("intermediate_size",):
-                if key in vision:
-                    vision[key] = 64
-            vision["num_heads" if "num_heads" in vision else "num_attention_heads"] = 4
-            text_hidden = 64
-        vision[self.depth_key] = vision_layers
-        if self.family == "qwen2_5_vl":
-            vision["fullatt_block_indexes"] = [vision_layers - 1] if vision_layers > 1 else []
-        if self.family == "qwen3_vl":
-            vision["deepstack_visual_indexes"] = [0]
-        head_dim = 16 if quick else 128
-        heads = max(1, text_hidden // head_dim)
-        kv_heads = heads if self.text_kind == "llama" else max(1, heads // 4)
-        text = {
-            "hidden_size": text_hidden,
-            "intermediate_size": round(text_hidden * 2.6875 / 64) * 64,
-            "num_hidden_layers": text_layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "max_position_embeddings": 4096,
-        }
-        if self.family == "qwen3_vl":
-            text["head_dim"] = head_dim
-        out: dict[str, Any] = {**self.top, "vision_config": vision, "text_config": text}
-        if self.image_processor:
-            out["image_processor"] = dict(self.image_processor)
-        return out
-
-
-_CLIP_L336 = {
-    "image_size": 336,
-    "patch_size": 14,
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_attention_heads": 16,
-    "projection_dim": 768,
-}
-_SIGLIP_SO400M_384 = {
-    "image_size": 384,
-    "patch_size": 14,
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_attention_heads": 16,
-}
-_QWEN_448 = {"min_pixels": 56 * 56, "max_pixels": 448 * 448}
-
-SPECS: dict[str, E2ESpec] = {
-    "llava": E2ESpec(
-        "llava",
-        image=(336, 336),
-        native_budget=576,
-        vision=_CLIP_L336,
-        text_kind="llama",
-        top={"vision_feature_layer": -1, "image_seq_length": 576},
-        note="LLaVA-1.5: CLIP-L/336 (24x24 grid, width 1024), Vicuna-like LLM (MHA)",
-    ),
-    "llava_next": E2ESpec(
-        "llava_next",
-        image=(336, 336),
-        native_budget=576,
-        vision=_CLIP_L336,
-        text_kind="llama",
-        top={"vision_feature_layer": -1, "image_grid_pinpoints": [[336, 336]]},
-        note="LLaVA-NeXT: CLIP-L/336, pinpoints [[336,336]]: base image + 1 crop, "
-        "newline tokens; budget per crop",
-    ),
-    "llava_onevision": E2ESpec(
-        "llava_onevision",
-        image=(384, 384),
-        native_budget=729,
-        vision=_SIGLIP_SO400M_384,
-        text_kind="qwen2",
-        top={"vision_feature_layer": -1, "image_grid_pinpoints": [[384, 384]]},
-        note="LLaVA-OneVision: SigLIP-so400m/384 (27x27, width 1152), pinpoints [[384,384]]: "
-        "base + 1 crop; Qwen2 LLM (GQA); budget per crop",
-    ),
-    "qwen2_vl": E2ESpec(
-        "qwen2_vl",
-        image=(448, 448),
-        native_budget=256,
-        vision={
-            "embed_dim": 1280,
-            "num_heads": 16,
-            "mlp_ratio": 4,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
-        depth_key="depth",
-        text_kind="qwen2",
-        image_processor=_QWEN_448,
-        note="Qwen2-VL: 448x448 image, patch 14: 32x32 patches (width 1280), 256 merged "
-        "tokens stock",
-    ),
-    "qwen2_5_vl": E2ESpec(
-        "qwen2_5_vl",
-        image=(448, 448),
-        native_budget=256,
-        vision={
-            "hidden_size": 1280,
-            "intermediate_size": 3420,
-            "num_heads": 16,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-        },
-        depth_key="depth",
-        text_kind="qwen2",
-        image_processor=_QWEN_448,
-        note="Qwen2.5-VL-7B-like: 448x448, patch 14: 32x32 patches (width 1280), window "
-        "attention, 256 merged tokens stock",
-    ),
-    "qwen3_vl": E2ESpec(
-        "qwen3_vl",
-        image=(512, 512),
-        native_budget=256,
-        vision={
-            "hidden_size": 1152,
-            "intermediate_size": 4304,
-            "num_heads": 16,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 2304,
-        },
-        depth_key="depth",
-        text_kind="qwen2",
-        image_processor={"min_pixels": 64 * 64, "max_pixels": 512 * 512},
-        note="Qwen3-VL: 512x512 image, patch 16: 32x32 patches (width 1152), deepstack, "
-        "256 merged tokens stock",
-    ),
-    "internvl": E2ESpec(
-        "internvl",
-        image=(448, 448),
-        native_budget=256,
-        vision={
-            "image_size": [448, 448],
-            "patch_size": [14, 14],
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_attention_heads": 16,
-        },
-        text_kind="qwen2",
-        image_processor={"max_patches": 1},
-        note="InternVL: one 448 px tile, patch 14: 32x32 grid (InternViT-300M width 1024), "
-        "256 tokens after pixel shuffle stock; Qwen2 LLM",
-    ),
-}
-
 _FILLER = "describe the picture in one short word please . what is in the image ?".split()
 
 
-def _prompt(family: str, text_tokens: int) -> str:
-    from flexproj.testing import IMAGE_PLACEHOLDER
+def bench_prompt(family: str, text_tokens: int) -> str:
+    """A one-image prompt of about ``text_tokens`` text tokens for tiny variant ``family``."""
+    from flexproj.testing import tiny_spec
 
     words = [_FILLER[i % len(_FILLER)] for i in range(max(0, text_tokens - 4))]
-    return f"user : {IMAGE_PLACEHOLDER[family]} {' '.join(words)} assistant :"
+    return f"user : {tiny_spec(family).placeholder} {' '.join(words)} assistant :"
 
 
 def kv_cache_bytes(cache: Any, positions: int | None = None) -> int:
@@ -326,7 +167,8 @@ def _vision_once(model: Any, inputs: dict[str, torch.Tensor], watch: Stopwatch) 
     return watch.stop()
 
 
-def _image_token_id(model: Any, processor: Any) -> int:
+def image_token_id(model: Any, processor: Any) -> int:
+    """The id of the image placeholder token (processor first, then the config)."""
     for source in (processor, model.config):
         value = getattr(source, "image_token_id", None)
         if isinstance(value, int):
@@ -335,7 +177,7 @@ def _image_token_id(model: Any, processor: Any) -> int:
 
 
 def _bench_family(
-    spec: E2ESpec,
+    spec: BenchShape,
     *,
     tokens: Sequence[int],
     text_hidden: int,
@@ -362,9 +204,9 @@ def _bench_family(
     model: Any
     model, processor = tiny_vlm(spec.family, **overrides)
     model.to(device=device, dtype=dtype).eval()
-    image_id = _image_token_id(model, processor)
+    image_id = image_token_id(model, processor)
     images = tiny_images([spec.image] * batch, seed=0)
-    prompt = _prompt(spec.family, text_tokens)
+    prompt = bench_prompt(spec.family, text_tokens)
 
     def build_inputs() -> dict[str, torch.Tensor]:
         batch_inputs = processor(text=[prompt] * batch, images=images, return_tensors="pt")
@@ -578,12 +420,15 @@ def run_e2e(
 
     dev = pick_device(device)
     env = environment(dev, [dtype])  # at the start: date and load average before the work
-    registered = set(flexproj.supported_models())
+    registered = flexproj.supported_models()
     if families is None:
-        families = ["llava"] if quick else [f for f in SPECS if f in registered]
-    unknown = [f for f in families if f not in SPECS]
+        families = ["llava"] if quick else registered
+    unknown = [f for f in families if f not in registered]
     if unknown:
-        raise SystemExit(f"unknown family {unknown}; choose from {list(SPECS)}")
+        raise ConfigError(f"unknown family {unknown}; choose from {registered}")
+    from flexproj.testing.tiny_models import bench_shapes
+
+    shapes = bench_shapes()
     if quick:
         decode_tokens = min(decode_tokens, 4)
     warmup = 1 if warmup is None else warmup
@@ -591,10 +436,10 @@ def run_e2e(
     torch_dtype = DTYPES[dtype]
     results: list[dict[str, Any]] = []
     for family in families:
-        spec = SPECS[family]
-        if family not in registered:
+        spec = shapes.get(family)
+        if spec is None:
             results.append(
-                {"family": family, "error": f"no flexproj adapter registered for {family!r}"}
+                {"family": family, "error": f"the {family!r} family declares no bench shape here"}
             )
             continue
         log(f"[e2e] {family}")
@@ -626,7 +471,8 @@ def run_e2e(
         rows = {r["budget"]: r for r in fam.get("rows", [])}
         stock = rows.get(None)
         at64 = rows.get(64)
-        native = rows.get(SPECS[fam["family"]].native_budget)
+        shape = shapes.get(fam["family"])
+        native = rows.get(shape.native_budget) if shape is not None else None
         if stock and at64 and native:
             headline.append(
                 {
@@ -666,7 +512,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--families",
         nargs="+",
         default=None,
-        choices=list(SPECS),
+        choices=supported_models(),
         help="model families (default: every one with a registered adapter; --quick: llava)",
     )
     parser.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS))

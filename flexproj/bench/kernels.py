@@ -43,6 +43,7 @@ from flexproj.bench.report import (
     set_threads,
 )
 from flexproj.bench.timing import Stopwatch, summarize
+from flexproj.errors import ConfigError
 
 __all__ = ["BACKEND_ORDER", "SHAPES", "KernelShape", "add_arguments", "run", "run_kernels"]
 
@@ -665,13 +666,13 @@ def run_kernels(
     env = environment(dev, dtypes)  # at the start: date and load average before the work
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
-        raise SystemExit(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
+        raise ConfigError(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
     bad = [b for b in backends if b not in BACKEND_ORDER]
     if bad:
-        raise SystemExit(f"unknown backend(s) {bad}; choose from {list(BACKEND_ORDER)}")
+        raise ConfigError(f"unknown backend(s) {bad}; choose from {list(BACKEND_ORDER)}")
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
-        raise SystemExit(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}")
+        raise ConfigError(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}")
     if quick:
         batch = min(batch, 2)
     warmup = 1 if warmup is None else warmup

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from flexproj.errors import ConfigError
+
 __all__ = [
     "DTYPES",
     "dtype_name",
@@ -53,7 +55,7 @@ def set_threads(threads: int | None) -> None:
     """
     if threads is not None:
         if threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {threads}")
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
 
 
@@ -63,7 +65,7 @@ def pick_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is available here")
+        raise ConfigError(f"--device {name}: no CUDA device is available here")
     return device
 
 

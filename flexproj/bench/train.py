@@ -22,7 +22,6 @@ schedule saves time and tokens, not peak memory.
 from __future__ import annotations
 
 import argparse
-import random
 import resource
 import statistics
 import sys
@@ -45,22 +44,18 @@ from flexproj.bench.report import (
     set_threads,
 )
 from flexproj.bench.timing import Stopwatch, summarize
+from flexproj.errors import ConfigError
+from flexproj.registry import supported_models
+from flexproj.schedule import PAPER_TOKENS, PAPER_WEIGHTS, TokenSchedule
 
 __all__ = ["add_arguments", "run", "run_train", "sample_budgets"]
-
-PAPER_TOKENS = (64, 144, 256)
-PAPER_WEIGHTS = (2.0, 3.0, 5.0)
 
 
 def sample_budgets(
     tokens: Sequence[int], weights: Sequence[float], steps: int, seed: int
 ) -> list[int]:
-    """The budget of each step: ``flexproj.schedule.TokenSchedule`` when present, else
-    ``random.Random(seed).choices`` over the weights."""
-    try:
-        from flexproj.schedule import TokenSchedule
-    except ImportError:  # the schedule module is optional for the bench
-        return random.Random(seed).choices(list(tokens), weights=list(weights), k=steps)
+    """The budget of each step, drawn by :class:`flexproj.schedule.TokenSchedule` (as the
+    training recipes draw it)."""
     schedule = TokenSchedule(tuple(tokens), tuple(float(w) for w in weights), seed=seed)
     return [schedule.budget_at(step) for step in range(steps)]
 
@@ -70,33 +65,18 @@ def _maxrss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # Linux: KiB
 
 
-def _trainable(model: Any) -> list[torch.nn.Parameter]:
-    """Projector + LLM + LM head train; the vision tower stays frozen."""
-    import flexproj
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    modules = [flexproj.get_projector(model), model.model.language_model, model.lm_head]
-    params: list[torch.nn.Parameter] = []
-    seen: set[int] = set()
-    for module in modules:
-        for p in module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                p.requires_grad_(True)
-                params.append(p)
-    return params
-
-
 def run_arm(cfg: dict[str, Any]) -> dict[str, Any]:
     """One arm, start to end (the unit a spawned worker runs). ``cfg`` is plain data."""
     import flexproj
-    from flexproj.bench.e2e import SPECS, _image_token_id, _prompt
+    from flexproj.bench.e2e import bench_prompt, image_token_id
+    from flexproj.recipes.family import recipe_for_model_type
+    from flexproj.recipes.trainer import set_trainable
     from flexproj.testing import tiny_images, tiny_vlm
+    from flexproj.testing.tiny_models import bench_shapes
 
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
-    spec = SPECS[cfg["family"]]
+    spec = bench_shapes()[cfg["family"]]
     overrides = spec.overrides(
         text_hidden=cfg["text_hidden"],
         text_layers=cfg["text_layers"],
@@ -107,11 +87,12 @@ def run_arm(cfg: dict[str, Any]) -> dict[str, Any]:
     model, processor = tiny_vlm(spec.family, seed=cfg["seed"], **overrides)
     model.to(device).train()
     flexproj.patch(model, processor, tokens=max(cfg["budgets"]))
-    params = _trainable(model)
+    # projector + LLM + LM head train, the vision tower stays frozen (the finetune stage)
+    params = set_trainable(model, recipe_for_model_type(spec.family), llm=True)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    image_id = _image_token_id(model, processor)
+    image_id = image_token_id(model, processor)
     images = tiny_images([spec.image] * cfg["batch"], seed=cfg["seed"])
-    prompt = _prompt(spec.family, cfg["text_tokens"])
+    prompt = bench_prompt(spec.family, cfg["text_tokens"])
 
     batches: dict[int, dict[str, torch.Tensor]] = {}
     for n in sorted(set(cfg["budgets"])):
@@ -235,12 +216,13 @@ def run_train(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     set_threads(threads)
-    from flexproj.bench.e2e import SPECS
+    from flexproj.testing.tiny_models import bench_shapes
 
-    if family not in SPECS:
-        raise SystemExit(f"unknown family {family!r}; choose from {list(SPECS)}")
+    shapes = bench_shapes()
+    if family not in shapes:
+        raise ConfigError(f"unknown family {family!r}; choose from {sorted(shapes)}")
     if len(tokens) != len(weights):
-        raise SystemExit(f"{len(tokens)} budgets but {len(weights)} weights")
+        raise ConfigError(f"{len(tokens)} budgets but {len(weights)} weights")
     dev = pick_device(device)
     env = environment(dev, [dtype])  # at the start: date and load average before the work
     if quick:
@@ -403,9 +385,7 @@ def to_markdown(payload: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from flexproj.bench.e2e import SPECS
-
-    parser.add_argument("--family", default="llava", choices=list(SPECS))
+    parser.add_argument("--family", default="llava", choices=supported_models())
     parser.add_argument("--fixed", type=int, default=256, help="budget of the fixed arm")
     parser.add_argument("--tokens", nargs="+", type=int, default=list(PAPER_TOKENS))
     parser.add_argument("--weights", nargs="+", type=float, default=list(PAPER_WEIGHTS))
