@@ -69,7 +69,7 @@ from transformers import InternVLForConditionalGeneration, InternVLModel, Intern
 
 from flexproj._types import Model
 from flexproj.errors import PatchError, UnsupportedModelError
-from flexproj.family import FamilyAdapter, int_budget, note_image_units
+from flexproj.family import FamilyAdapter, int_budget, note_image
 from flexproj.patcher import Patcher, stock_method
 from flexproj.pooling import Grid, pool_grid, target_grid
 from flexproj.registry import register_adapter
@@ -283,8 +283,9 @@ def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs
     tiles = int(image_inputs["num_patches"][image_idx])
     budget = state.image_budgets(len(image_inputs["num_patches"]))[image_idx]
     tile_hw = image_inputs["pixel_values"][0].shape[-2:]  # every tile has the same size
-    note_image_units(image_idx, tiles)
-    context = self.image_token * (_adapter(state).tile_tokens(state, budget, tile_hw) * tiles)
+    count = _adapter(state).tile_tokens(state, budget, tile_hw) * tiles
+    note_image(image_idx, units=tiles, tokens=count)
+    context = self.image_token * count
     return f"{self.start_image_token}{context}{self.end_image_token}"
 
 

@@ -43,7 +43,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from flexproj._types import Model
-from flexproj.family import FamilyAdapter, note_image_units
+from flexproj.family import FamilyAdapter, note_image
 from flexproj.patcher import Patcher, stock_method
 from flexproj.pooling import pool_grid, target_grid
 from flexproj.registry import register_adapter
@@ -182,7 +182,7 @@ class LlavaAdapter(FamilyAdapter):
         budget = state.image_budgets(len(pixel_values))[image_idx]
         height, width = pixel_values[image_idx].shape[-2:]
         h, w = self.crop_tokens(processor, budget, (int(height), int(width)))
-        note_image_units(image_idx, 1)
+        note_image(image_idx, units=1)
         return h * w
 
     def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
@@ -196,7 +196,9 @@ def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs
     if state is None or not state.enabled:
         return stock_method(self, "replace_image_token")(image_inputs, image_idx, **kwargs)
     adapter = cast(LlavaAdapter, state.adapter)
-    return self.image_token * adapter.image_token_count(self, state, image_inputs, image_idx)
+    count = adapter.image_token_count(self, state, image_inputs, image_idx)
+    note_image(image_idx, tokens=count)
+    return self.image_token * count
 
 
 def _anyres_max_shape(height: int, width: int, max_patches: int, side: int) -> tuple[int, int]:
@@ -339,10 +341,10 @@ class LlavaNextAdapter(LlavaAdapter):
         budget = state.image_budgets(len(image_inputs["image_sizes"]))[image_idx]
         side = self.crop_tokens(processor, budget, (crop_h, crop_w))
         if self.base_crop_only(processor, image_inputs, image_idx):
-            note_image_units(image_idx, 1)
+            note_image(image_idx, units=1)
             return side[0] * side[1] + 1  # base crop + newline
         rows, cols = self.crop_layout(processor, orig, (crop_h, crop_w))
-        note_image_units(image_idx, 1 + rows * cols)  # base crop + the tiling crops
+        note_image(image_idx, units=1 + rows * cols)  # base crop + the tiling crops
         unpadded, newlines = self.unpadded_count(processor, side, orig, (crop_h, crop_w))
         return unpadded + newlines + side[0] * side[1]
 

@@ -91,7 +91,7 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from flexproj.family import FamilyAdapter, check_count, int_budget, note_image_units
+from flexproj.family import FamilyAdapter, check_count, int_budget, note_image
 from flexproj.patcher import Patcher, stock_method
 from flexproj.pooling import Grid, pool_packed, target_grid
 from flexproj.registry import register_adapter
@@ -379,9 +379,10 @@ def _replace_with_pooled_grid(
     if state is not None and state.enabled:
         grid_thw = torch.as_tensor(np.asarray(inputs[grid_key]), dtype=torch.long)  # (n, 3)
         budgets = _row_budgets(state, grid_key, grid_thw)
-        if grid_key == "image_grid_thw":
-            note_image_units(idx, 1)  # one row per image in the projector's bookkeeping
-        inputs = {**inputs, grid_key: pooled_grid_thw(grid_thw, budgets, merge).numpy()}
+        pooled = pooled_grid_thw(grid_thw, budgets, merge)  # (n, 3): (t, h'*m, w'*m)
+        if grid_key == "image_grid_thw":  # one projector row per image
+            note_image(idx, units=1, tokens=int(pooled[idx].prod()) // merge**2)
+        inputs = {**inputs, grid_key: pooled.numpy()}
     return stock(inputs, idx, **kwargs)
 
 

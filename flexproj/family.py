@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import inspect
 import threading
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -101,13 +102,14 @@ def guarded_placeholder_mask(self: Model, *args: Any, **kwargs: Any) -> Any:
     return stock(*args, **kwargs)
 
 
-#: what a ledger holds for one batch: the budget, and the units (crops, tiles, temporal
-#: patches) of each image, or None where the family did not say
+#: what a ledger holds for one sample (one row of input_ids): its images' budgets (an int
+#: for all of them), and the units (crops, tiles) of each of its images, or None where the
+#: family did not say
 Built = tuple[Budget, tuple[int, ...] | None]
 
-#: units per image noted by the processor call in progress (see note_image_units)
-_NOTED_UNITS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "flexproj_noted_units", default=None
+#: (units, placeholder tokens) per image, noted by the processor call in progress
+_NOTED: contextvars.ContextVar[list[tuple[int | None, int | None]] | None] = contextvars.ContextVar(
+    "flexproj_noted_images", default=None
 )
 
 
@@ -122,23 +124,50 @@ def int_budget(state: PatchState, what: str) -> int:
     return spec
 
 
-def note_image_units(image_idx: int, units: int) -> None:
+def note_image(image_idx: int, *, units: int | None = None, tokens: int | None = None) -> None:
     """Called by a patched ``replace_image_token`` for image ``image_idx`` of the processor
-    call in progress: how many projector rows (crops, tiles) that image becomes."""
-    noted = [] if image_idx == 0 else (_NOTED_UNITS.get() or [])
-    _NOTED_UNITS.set([*noted[:image_idx], units])
+    call in progress: how many projector rows (crops, tiles) that image becomes, and how
+    many placeholder tokens it gets."""
+    noted = list(_NOTED.get() or [])
+    if image_idx == 0 and noted:  # image 0 noted again: a new processor call
+        units_set, tokens_set = noted[0][0] is not None, noted[0][1] is not None
+        if (units is not None and units_set) or (tokens is not None and tokens_set):
+            noted = []
+    while len(noted) <= image_idx:
+        noted.append((None, None))
+    old_units, old_tokens = noted[image_idx]
+    noted[image_idx] = (
+        old_units if units is None else units,
+        old_tokens if tokens is None else tokens,
+    )
+    _NOTED.set(noted)
+
+
+def _rows(input_ids: Any, attention_mask: Any) -> list[np.ndarray]:
+    """Each sample's token ids without padding (``attention_mask`` 0)."""
+    ids = np.asarray(input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else input_ids)
+    ids = ids.reshape(-1, ids.shape[-1]) if ids.ndim else ids.reshape(1, 1)
+    if attention_mask is None:
+        return [row.astype(np.int64) for row in ids]
+    mask = np.asarray(
+        attention_mask.detach().cpu()
+        if isinstance(attention_mask, torch.Tensor)
+        else attention_mask
+    ).reshape(ids.shape)
+    return [row[m.astype(bool)].astype(np.int64) for row, m in zip(ids, mask, strict=True)]
 
 
 class InputsLedger:
-    """Which budget built which inputs: ``input_ids`` content -> (budget, units per image),
-    the latest 4096.
+    """Which budget built which inputs, per sample: the sample's ``input_ids`` (padding
+    stripped) -> (its images' budgets, their units), the latest 4096 samples.
 
-    The processors patched for a model record each batch they build. The model, called
+    The processors patched for a model record every sample they build. The model, called
     with no ``flexproj.tokens`` block in force (a worker thread, a later step of a
-    streaming generator, an executor), runs under the budget its inputs were built with;
-    per-image budgets are mapped onto crops and tiles with the recorded units. One ledger
-    per patched model, so what one model does never depends on another's history; a deep
-    copy starts with a copy of it.
+    streaming generator, an executor), runs under the budgets its inputs were built with;
+    per-image budgets are mapped onto crops and tiles with the recorded units. Samples are
+    keyed one by one, so a batch collated from separately processed samples, a sub-batch
+    or a re-padded batch is recognised too. One ledger per patched model, so what one
+    model does never depends on another's history; a deep copy starts with a copy of it.
     """
 
     capacity = 4096
@@ -148,27 +177,90 @@ class InputsLedger:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(input_ids: Any) -> bytes:
-        if isinstance(input_ids, torch.Tensor):
-            array = input_ids.detach().to("cpu", torch.int64).numpy()
-        else:
-            array = np.asarray(input_ids, dtype=np.int64)
-        digest = hashlib.blake2b(array.tobytes(), digest_size=16)
-        digest.update(str(array.shape).encode())
-        return digest.digest()
+    def key(row: np.ndarray) -> bytes:
+        return hashlib.blake2b(row.tobytes(), digest_size=16).digest()
 
-    def record(self, input_ids: Any, built: Built) -> None:
-        key = self.key(input_ids)
+    def record(
+        self,
+        input_ids: Any,
+        attention_mask: Any,
+        budget: Budget,
+        images: Sequence[tuple[int | None, int | None]] | None,
+        image_token_id: int | None,
+    ) -> None:
+        """Record a processor call's samples; ``images``: (units, tokens) per image."""
+        rows = _rows(input_ids, attention_mask)
+        entries: list[Built] = [(budget, None)] * len(rows)
+        if images is not None and image_token_id is not None:
+            entries = self._per_row(rows, budget, images, image_token_id) or entries
         with self._lock:
-            self._budgets[key] = built
-            self._budgets.move_to_end(key)
+            for row, entry in zip(rows, entries, strict=True):
+                key = self.key(row)
+                self._budgets[key] = entry
+                self._budgets.move_to_end(key)
             while len(self._budgets) > self.capacity:
                 self._budgets.popitem(last=False)
 
-    def lookup(self, input_ids: Any) -> Built | None:
-        key = self.key(input_ids)
+    @staticmethod
+    def _per_row(
+        rows: list[np.ndarray],
+        budget: Budget,
+        images: Sequence[tuple[int | None, int | None]],
+        image_token_id: int,
+    ) -> list[Built] | None:
+        """Images dealt to samples in order, by each sample's placeholder count."""
+        budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
+        if len(budgets) != len(images) or any(t is None for _, t in images):
+            return None
+        out: list[Built] = []
+        start = 0
+        for row in rows:
+            want, stop = int((row == image_token_id).sum()), start
+            got = 0
+            while got < want and stop < len(images):
+                got += int(images[stop][1] or 0)
+                stop += 1
+            if got != want:
+                return None
+            mine = budgets[start:stop]
+            units = [u for u, _ in images[start:stop]]
+            row_budget: Budget = budget if isinstance(budget, int) else tuple(mine)
+            out.append((row_budget, None if None in units else tuple(int(u or 0) for u in units)))
+            start = stop
+        return out if start == len(images) else None
+
+    def lookup(self, input_ids: Any, attention_mask: Any = None) -> Built | None:
+        """(budget, units per image) of a batch whose every sample was recorded."""
+        rows = _rows(input_ids, attention_mask)
         with self._lock:
-            return self._budgets.get(key)
+            found = [self._budgets.get(self.key(row)) for row in rows]
+        if any(entry is None for entry in found):
+            return None
+        entries = [e for e in found if e is not None]
+        ints = {e[0] for e in entries if isinstance(e[0], int)}
+        if len(ints) == 1 and all(isinstance(e[0], int) for e in entries):
+            budget: Budget = ints.pop()  # one budget for every image
+        else:
+            per_image: list[int] = []
+            for row_budget, units in entries:
+                if isinstance(row_budget, int):
+                    if units is None:
+                        return None  # an int row mixed with lists: its image count is unknown
+                    per_image += [row_budget] * len(units)
+                else:
+                    per_image += list(row_budget)
+            budget = tuple(per_image)
+        unit_lists = [e[1] for e in entries]
+        units = (
+            None
+            if any(u is None for u in unit_lists)
+            else tuple(
+                u
+                for lst in unit_lists
+                for u in lst  # type: ignore[union-attr]
+            )
+        )
+        return budget, units
 
     def __deepcopy__(self, memo: dict[int, Any]) -> InputsLedger:
         new = InputsLedger()
@@ -193,7 +285,8 @@ def run_with_input_budget(self: Model, name: str, args: tuple, kwargs: dict) -> 
     input_ids = kwargs.get("input_ids")
     if input_ids is None and args and isinstance(args[0], torch.Tensor):
         input_ids = args[0]
-    built = None if input_ids is None else state.built_inputs.lookup(input_ids)
+    mask = kwargs.get("attention_mask")
+    built = None if input_ids is None else state.built_inputs.lookup(input_ids, mask)
     if built is None:
         return stock(*args, **kwargs)
     budget, units = built
@@ -216,11 +309,16 @@ def _record_built_inputs(self: Any, text: Any, text_inputs: Any, *args: Any, **k
     """Processor hook after tokenisation: note which budget built these ``input_ids``."""
     result = stock_method(self, "_check_special_mm_tokens")(text, text_inputs, *args, **kwargs)
     state = state_of(self)
-    noted = _NOTED_UNITS.get()
-    _NOTED_UNITS.set(None)
+    noted = _NOTED.get()
+    _NOTED.set(None)
     if state is not None and state.enabled:
-        units = None if noted is None else tuple(noted)
-        state.built_inputs.record(text_inputs["input_ids"], (state.budget(), units))
+        state.built_inputs.record(
+            text_inputs["input_ids"],
+            text_inputs.get("attention_mask"),
+            state.budget(),
+            noted,
+            getattr(self, "image_token_id", None),
+        )
     return result
 
 
