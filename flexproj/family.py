@@ -177,8 +177,13 @@ class InputsLedger:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(row: np.ndarray) -> bytes:
-        return hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+    def key(row: np.ndarray, vision_ids: Sequence[int]) -> bytes | None:
+        """The sample's ids up to its last image / video placeholder (what follows, e.g. an
+        answer a training batch appends, does not change its images), or None without any."""
+        hits = np.flatnonzero(np.isin(row, list(vision_ids)))
+        if not hits.size:
+            return None
+        return hashlib.blake2b(row[: hits[-1] + 1].tobytes(), digest_size=16).digest()
 
     def record(
         self,
@@ -186,16 +191,21 @@ class InputsLedger:
         attention_mask: Any,
         budget: Budget,
         images: Sequence[tuple[int | None, int | None]] | None,
-        image_token_id: int | None,
+        vision_ids: Sequence[int],
     ) -> None:
-        """Record a processor call's samples; ``images``: (units, tokens) per image."""
+        """Record a processor call's samples; ``images``: (units, tokens) per image;
+        ``vision_ids``: the image placeholder id first, then the video one, if any."""
+        if not vision_ids:
+            return
         rows = _rows(input_ids, attention_mask)
         entries: list[Built] = [(budget, None)] * len(rows)
-        if images is not None and image_token_id is not None:
-            entries = self._per_row(rows, budget, images, image_token_id) or entries
+        if images is not None:
+            entries = self._per_row(rows, budget, images, vision_ids[0]) or entries
         with self._lock:
             for row, entry in zip(rows, entries, strict=True):
-                key = self.key(row)
+                key = self.key(row, vision_ids)
+                if key is None:
+                    continue
                 self._budgets[key] = entry
                 self._budgets.move_to_end(key)
             while len(self._budgets) > self.capacity:
@@ -229,12 +239,19 @@ class InputsLedger:
             start = stop
         return out if start == len(images) else None
 
-    def lookup(self, input_ids: Any, attention_mask: Any = None) -> Built | None:
-        """(budget, units per image) of a batch whose every sample was recorded."""
-        rows = _rows(input_ids, attention_mask)
+    def lookup(
+        self, input_ids: Any, attention_mask: Any, vision_ids: Sequence[int]
+    ) -> Built | None:
+        """(budget, units per image) of a batch whose every sample with images or videos
+        was recorded."""
+        keys = [
+            k
+            for k in (self.key(row, vision_ids) for row in _rows(input_ids, attention_mask))
+            if k is not None
+        ]
         with self._lock:
-            found = [self._budgets.get(self.key(row)) for row in rows]
-        if any(entry is None for entry in found):
+            found = [self._budgets.get(k) for k in keys]
+        if not found or any(entry is None for entry in found):
             return None
         entries = [e for e in found if e is not None]
         ints = {e[0] for e in entries if isinstance(e[0], int)}
@@ -269,6 +286,12 @@ class InputsLedger:
         return new
 
 
+def _vision_token_ids(source: Any) -> list[int]:
+    """The image placeholder id, then the video one (a processor or a model config)."""
+    ids = [getattr(source, name, None) for name in ("image_token_id", "video_token_id")]
+    return [i for i in ids if isinstance(i, int)]
+
+
 #: keyword arguments that carry images or videos into forward / generate
 _VISION_INPUTS = ("pixel_values", "pixel_values_videos")
 
@@ -286,7 +309,8 @@ def run_with_input_budget(self: Model, name: str, args: tuple, kwargs: dict) -> 
     if input_ids is None and args and isinstance(args[0], torch.Tensor):
         input_ids = args[0]
     mask = kwargs.get("attention_mask")
-    built = None if input_ids is None else state.built_inputs.lookup(input_ids, mask)
+    vision_ids = _vision_token_ids(self.config)
+    built = None if input_ids is None else state.built_inputs.lookup(input_ids, mask, vision_ids)
     if built is None:
         return stock(*args, **kwargs)
     budget, units = built
@@ -317,7 +341,7 @@ def _record_built_inputs(self: Any, text: Any, text_inputs: Any, *args: Any, **k
             text_inputs.get("attention_mask"),
             state.budget(),
             noted,
-            getattr(self, "image_token_id", None),
+            _vision_token_ids(self),
         )
     return result
 
