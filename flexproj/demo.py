@@ -886,14 +886,14 @@ class ConvertConfig:
 
     family: str = "llava"
     # the stock reference: projector + LLM trained at the native budget from a random init
-    # (the default run is sized to finish in minutes on 2 CPU cores: docs/DEMO.md)
-    stock_steps: int = 200
+    # (the default run: 4m21s on 2 CPU cores, docs/DEMO.md)
+    stock_steps: int = 800
     stock_lr: float = 3e-3
     # conversion: K optimiser steps per recipe row (a fraction of the stock training)
-    convert_steps: int = 40  # 20% of the stock training
+    convert_steps: int = 160  # 20% of the stock training
     align_lr: float = 3e-3
     finetune_lr: float = 1e-3
-    distill_steps: int = 40
+    distill_steps: int = 100
     distill_lr: float = 3e-3
     batch_size: int = 24
     warmup_ratio: float = 0.05
@@ -905,7 +905,7 @@ class ConvertConfig:
     image_size: int | None = None
     kinds: tuple[str, ...] = ("colour", "position")
     board: int = 4
-    eval_per_kind: int = 50
+    eval_per_kind: int = 100
     eval_batch_size: int = 100
     eval_seed: int = 1_000_003
     data_seed: int = 7

@@ -52,6 +52,49 @@ def budget_field(modality: str) -> dict[str, MultiModalFieldConfig]:
     return {BUDGET_FIELD: MultiModalFieldConfig.batched(modality)}
 
 
+class BudgetedProcessor:
+    """What every flexproj vLLM processor adds to the family's own (mixed in first): a bad
+    budget fails the request up front, the Hugging Face processor never sees the budget
+    kwarg, and each image item carries its budget (:data:`BUDGET_FIELD`) to the model.
+
+    ``items_key``: the processed field with one entry per image (its length counts them).
+    ``info.budget(mm_kwargs)`` is the family's budget of a request.
+    """
+
+    items_key = "pixel_values"
+    info: Any
+
+    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
+        self.info.budget(inputs.hf_processor_mm_kwargs)  # a bad budget fails here, clearly
+        return super().apply(inputs, timing_ctx)  # type: ignore[misc]
+
+    def _call_hf_processor(
+        self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
+    ) -> Any:
+        return super()._call_hf_processor(hf_data, without_budget(hf_kwargs))  # type: ignore[misc]
+
+    def _postprocess_hf_mm_data(
+        self,
+        mm_inputs: Mapping[str, object],
+        hf_processor_mm_kwargs: Mapping[str, object],
+        processed_data: Any,
+    ) -> Any:
+        processed = super()._postprocess_hf_mm_data(  # type: ignore[misc]
+            mm_inputs, hf_processor_mm_kwargs, processed_data
+        )
+        items = processed.get(self.items_key)
+        if items is not None:
+            budget = self.info.budget(hf_processor_mm_kwargs)
+            processed[BUDGET_FIELD] = torch.full((len(items),), budget, dtype=torch.long)
+        return processed
+
+    def _get_mm_fields_config(
+        self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))  # type: ignore[misc]
+        return {**fields, **budget_field("image")}
+
+
 def budgets_list(value: Any, count: int, default: int) -> list[int]:
     """The per-item budgets ``embed_multimodal`` received (a tensor or a list of 0-d tensors)."""
     if value is None:

@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import BatchFeature
 from vllm.config import VllmConfig
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -27,7 +26,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
@@ -62,36 +61,8 @@ class FlexLlavaProcessingInfo(LlavaProcessingInfo):
         return {"image": self.native_tokens()}  # the largest budget a request may ask for
 
 
-class FlexLlavaMultiModalProcessor(LlavaMultiModalProcessor):
-    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
-        self.info.budget(inputs.hf_processor_mm_kwargs)  # a bad budget fails here, clearly
-        return super().apply(inputs, timing_ctx)
-
-    def _call_hf_processor(
-        self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
-    ) -> BatchFeature:
-        return super()._call_hf_processor(hf_data, common.without_budget(hf_kwargs))
-
-    def _postprocess_hf_mm_data(
-        self,
-        mm_inputs: Mapping[str, object],
-        hf_processor_mm_kwargs: Mapping[str, object],
-        processed_data: BatchFeature,
-    ) -> BatchFeature:
-        processed = super()._postprocess_hf_mm_data(
-            mm_inputs, hf_processor_mm_kwargs, processed_data
-        )
-        pixels = processed.get("pixel_values")
-        if pixels is not None:
-            budget = self.info.budget(hf_processor_mm_kwargs)
-            processed[common.BUDGET_FIELD] = torch.full((len(pixels),), budget, dtype=torch.long)
-        return processed
-
-    def _get_mm_fields_config(
-        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        return {**fields, **common.budget_field("image")}
+class FlexLlavaMultiModalProcessor(common.BudgetedProcessor, LlavaMultiModalProcessor):
+    items_key = "pixel_values"
 
     def _get_prompt_updates(
         self,

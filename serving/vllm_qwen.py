@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from einops import rearrange
 from torch import nn
-from transformers import BatchFeature
 from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
@@ -30,7 +29,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
@@ -62,36 +61,8 @@ class FlexQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
         return common.budget_of(self.ctx, mm_kwargs, default, native, unit=UNIT, caps=True)
 
 
-class FlexQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
-    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
-        self.info.budget(inputs.hf_processor_mm_kwargs)  # a bad budget fails here, clearly
-        return super().apply(inputs, timing_ctx)
-
-    def _call_hf_processor(
-        self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
-    ) -> BatchFeature:
-        return super()._call_hf_processor(hf_data, common.without_budget(hf_kwargs))
-
-    def _postprocess_hf_mm_data(
-        self,
-        mm_inputs: Mapping[str, object],
-        hf_processor_mm_kwargs: Mapping[str, object],
-        processed_data: BatchFeature,
-    ) -> BatchFeature:
-        processed = super()._postprocess_hf_mm_data(
-            mm_inputs, hf_processor_mm_kwargs, processed_data
-        )
-        grids = processed.get("image_grid_thw")
-        if grids is not None:
-            budget = self.info.budget(hf_processor_mm_kwargs)
-            processed[common.BUDGET_FIELD] = torch.full((len(grids),), budget, dtype=torch.long)
-        return processed
-
-    def _get_mm_fields_config(
-        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        return {**fields, **common.budget_field("image")}
+class FlexQwen2_5_VLMultiModalProcessor(common.BudgetedProcessor, Qwen2_5_VLMultiModalProcessor):
+    items_key = "image_grid_thw"
 
     def _get_prompt_updates(
         self,
