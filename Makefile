@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,xformers,triton]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,xformers,triton,deepspeed]'
 	touch $@
 
 install: $(STAMP)

@@ -487,6 +487,9 @@ def train(
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     summary["train_seconds"] = time.perf_counter() - start
+    # how the job actually ran (accelerate may not do what the flags asked: see --fsdp)
+    summary["distributed"] = trainer.accelerator.distributed_type.value
+    summary["world_size"] = training_args.world_size
     summary["global_step"] = result.global_step
     summary["train_loss"] = result.training_loss
     if distill is not None:

@@ -79,6 +79,7 @@ def test_info_lists_the_backends_it_found(capsys):
 #: declared, never imported by our code, and why
 NOT_IMPORTED = {
     "accelerate": "transformers.Trainer (the recipes) needs it at run time",
+    "deepspeed": "transformers.Trainer / accelerate load it for the recipes' --deepspeed",
     "ruff": "a command (make lint)",
     "mypy": "a command (make typecheck)",
 }
