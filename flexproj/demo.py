@@ -783,6 +783,20 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _budget_axes(ax: Any, budgets: Sequence[int], train_tokens: Sequence[int], kind: str) -> None:
+    """Accuracy-vs-budget axes: log budgets, training budgets marked, one panel per kind."""
+    for n in train_tokens:
+        ax.axvline(n, color="0.85", lw=0.8, zorder=0)
+    ax.set_ylim(0, 105)
+    ax.set_xscale("log")
+    ax.set_xticks(budgets)
+    ax.set_xticklabels([str(n) for n in budgets], fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel("vision tokens at evaluation")
+    ax.set_title(kind if kind != "all" else "all questions")
+    ax.grid(alpha=0.3)
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     """Accuracy vs evaluation budget, one line per training schedule (error bars: std)."""
     import matplotlib
@@ -810,16 +824,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 capsize=2,
                 label=name,
             )
-        for n in results["train_tokens"]:
-            ax.axvline(n, color="0.85", lw=0.8, zorder=0)
-        ax.set_ylim(0, 105)
-        ax.set_xscale("log")
-        ax.set_xticks(budgets)
-        ax.set_xticklabels([str(n) for n in budgets], fontsize=7)
-        ax.minorticks_off()
-        ax.set_xlabel("vision tokens at evaluation")
-        ax.set_title(kind if kind != "all" else "all questions")
-        ax.grid(alpha=0.3)
+        _budget_axes(ax, budgets, results["train_tokens"], kind)
     axes[0][0].set_ylabel("exact-match accuracy (%)")
     axes[0][0].legend(fontsize=8, title="trained with", title_fontsize=8)
     seeds = results["config"]["seeds"]
@@ -1492,16 +1497,7 @@ def plot_convert(results: dict[str, Any], path: Path) -> None:
             low = [m - s for m, s in zip(mean, std, strict=True)]
             high = [m + s for m, s in zip(mean, std, strict=True)]
             ax.fill_between(ns, low, high, color=line.get_color(), alpha=0.15, lw=0)
-        for n in results["train_tokens"]:
-            ax.axvline(n, color="0.85", lw=0.8, zorder=0)
-        ax.set_ylim(0, 105)
-        ax.set_xscale("log")
-        ax.set_xticks(budgets)
-        ax.set_xticklabels([str(n) for n in budgets], fontsize=7)
-        ax.minorticks_off()
-        ax.set_xlabel("vision tokens at evaluation")
-        ax.set_title(kind if kind != "all" else "all questions")
-        ax.grid(alpha=0.3)
+        _budget_axes(ax, budgets, results["train_tokens"], kind)
     axes[0][0].set_ylabel("exact-match accuracy (%)")
     axes[0][-1].legend(fontsize=6.5, loc="lower right")
     seeds = results["config"]["seeds"]
