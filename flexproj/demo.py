@@ -1078,10 +1078,11 @@ def _evaluate_run(
     run_dir: Path, cfg: ConvertConfig, eval_json: Path
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Accuracy per budget (all questions and per kind) with the recipe evaluator, and the
-    automatic budget's chosen point over the ladder of training budgets + native
-    (``flexproj eval --auto``'s sweep: what ``flexproj.adaptive_generate`` would do)."""
+    automatic budget over the ladder of training budgets + native (what
+    ``flexproj.adaptive_generate`` would do): the threshold chosen by ``flexproj eval
+    --auto``'s sweep on half the questions, scored on the other half."""
     from flexproj.recipes.data import ConversationDataset
-    from flexproj.recipes.evaluate import auto_sweep, evaluate_model, load_run
+    from flexproj.recipes.evaluate import auto_point, auto_sweep, evaluate_model, load_run
 
     run = load_run(run_dir)
     dataset = ConversationDataset(eval_json)
@@ -1090,9 +1091,16 @@ def _evaluate_run(
         max_new_tokens=3, prefill_repeats=0, progress=False, log=lambda _m: None, with_loss=False,
     )  # fmt: skip
     accuracy = {str(r["tokens"]): {"all": r["accuracy"], **r["accuracy_by_kind"]} for r in results}
-    ladder = {*(cfg.train_tokens or ()), cfg.native_tokens}
-    chosen = auto_sweep([r for r in results if r["tokens"] in ladder])["chosen"]
-    return accuracy, chosen
+    ladder = [r for r in results if r["tokens"] in {*(cfg.train_tokens or ()), cfg.native_tokens}]
+    # held out: the threshold is chosen on the even questions and scored on the odd ones
+    calibrate = [{**r, "per_sample": r["per_sample"][0::2]} for r in ladder]
+    held_out = [{**r, "per_sample": r["per_sample"][1::2]} for r in ladder]
+    threshold = auto_sweep(calibrate)["chosen"]["threshold"]
+    point = auto_point(held_out, threshold)
+    native = max(held_out, key=lambda r: r["tokens"])["per_sample"]
+    point["native_accuracy"] = sum(s["hit"] for s in native) / len(native)
+    point["questions"] = len(native)
+    return accuracy, point
 
 
 def run_convert_task(cfg: ConvertConfig, seed: int, task: str, work: str) -> dict[str, Any]:
@@ -1331,6 +1339,8 @@ def convert_results(cfg: ConvertConfig, records: Sequence[dict[str, Any]]) -> di
             # flexproj.adaptive_generate over training budgets + native (chosen threshold)
             "auto": {
                 "accuracy": _mean_spread([a["accuracy"] for a in autos]),
+                "native_accuracy": _mean_spread([a["native_accuracy"] for a in autos]),
+                "threshold": [a["threshold"] for a in autos],
                 "vision_tokens_per_image": _mean_spread(
                     [a["vision_tokens_per_image_spent"] for a in autos]
                 ),
@@ -1434,13 +1444,14 @@ def format_convert_report(results: dict[str, Any]) -> str:
         kinds = results["kinds"]
         parts += [
             "",
-            "Automatic budget (flexproj.adaptive_generate over the training budgets + native; "
-            "the cheapest threshold within 1 point of the native budget's accuracy, chosen per "
-            "seed on the evaluation set, as `flexproj eval --auto` does):",
-            "| row | accuracy | vision tokens / image spent | "
+            "Automatic budget (flexproj.adaptive_generate over the training budgets + native): "
+            "per seed, the cheapest threshold within 1 point of the native budget's accuracy "
+            "on half the evaluation questions (`flexproj eval --auto`'s sweep), scored on the "
+            "other half, next to the native budget on that same half:",
+            "| row | accuracy (held out) | native budget, same questions | vision tokens / image spent | "
             + " | ".join(f"mean budget: {k}" for k in kinds)
             + " |",
-            "|---|---|---|" + "---|" * len(kinds),
+            "|---|---|---|---|" + "---|" * len(kinds),
         ]
         for rec in autos:
             auto = rec["auto"]
@@ -1448,7 +1459,8 @@ def format_convert_report(results: dict[str, Any]) -> str:
             tokens = auto["vision_tokens_per_image"]
             spread = f" ± {tokens['std']:.1f}" if seeds > 1 else ""
             parts.append(
-                f"| {rec['label']} | {_cell(auto['accuracy'], seeds)} | {tokens['mean']:.1f}{spread} | "
+                f"| {rec['label']} | {_cell(auto['accuracy'], seeds)} | "
+                f"{_cell(auto['native_accuracy'], seeds)} | {tokens['mean']:.1f}{spread} | "
                 + " | ".join(f"{auto['mean_budget_by_kind'][k]:.1f}" for k in kinds)
                 + " |"
             )

@@ -45,6 +45,8 @@ from flexproj.errors import BudgetError, FlexprojError
 __all__ = [
     "EvalError",
     "EvalRun",
+    "auto_point",
+    "auto_sweep",
     "evaluate",
     "evaluate_model",
     "load_run",
@@ -276,56 +278,64 @@ def evaluate_model(
 # ----------------------------------------------------------------------------- automatic budget
 
 
-def auto_sweep(results: Sequence[dict[str, Any]], margin: float = 0.01) -> dict[str, Any]:
-    """What :func:`flexproj.adaptive_generate` would do on this set, for every threshold.
-
-    ``results``: one run's per-budget results (with ``per_sample``), the budgets being the
-    ladder. A sample answers at the first budget whose answer's confidence reaches the
-    threshold (else the largest), exactly as ``adaptive_generate`` decides; its cost is the
-    vision tokens of every rung it went through. Returns every threshold's accuracy and
-    mean tokens, the Pareto front with the fixed budgets, and the cheapest threshold whose
-    accuracy is within ``margin`` of the largest budget's.
-    """
+def _ladder(
+    results: Sequence[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
     ladder = sorted(results, key=lambda r: r["tokens"])
     rungs = [r["per_sample"] for r in ladder]
-    n = len(rungs[0])
-    if not n or any(len(r) != n for r in rungs):
+    if not rungs or not rungs[0] or any(len(r) != len(rungs[0]) for r in rungs):
         raise EvalError("auto sweep: every budget must have scored the same samples")
+    return ladder, rungs
+
+
+def auto_point(results: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """Accuracy and vision tokens of :func:`flexproj.adaptive_generate` at ``threshold`` on
+    these samples: each answers at the first budget whose answer's confidence reaches the
+    threshold (else the largest), exactly as ``adaptive_generate`` decides, and costs the
+    vision tokens of every rung it went through."""
+    ladder, rungs = _ladder(results)
+    n = len(rungs[0])
+    hits, answered, spent = 0, 0.0, 0.0
+    chosen: dict[int, int] = {}
+    by_kind: dict[str, list[int]] = {}
+    for i in range(n):
+        level = next(
+            (lv for lv, rung in enumerate(rungs) if rung[i]["confidence"] >= threshold),
+            len(rungs) - 1,
+        )
+        sample, budget = rungs[level][i], ladder[level]["tokens"]
+        spent += sum(rung[i]["vision_tokens_per_image"] for rung in rungs[: level + 1])
+        hits += sample["hit"]
+        answered += sample["vision_tokens_per_image"]
+        chosen[budget] = chosen.get(budget, 0) + 1
+        if sample.get("kind") is not None:
+            by_kind.setdefault(str(sample["kind"]), []).append(budget)
+    return {
+        "threshold": threshold,
+        "accuracy": hits / n,
+        "vision_tokens_per_image": answered / n,
+        "vision_tokens_per_image_spent": spent / n,
+        "answered_at": dict(sorted(chosen.items())),
+        "mean_budget_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+    }
+
+
+def auto_sweep(results: Sequence[dict[str, Any]], margin: float = 0.01) -> dict[str, Any]:
+    """:func:`auto_point` at every threshold that matters, on these samples.
+
+    ``results``: one run's per-budget results (with ``per_sample``), the budgets being the
+    ladder. Returns every threshold's point, the Pareto front with the fixed budgets, and
+    the cheapest threshold whose accuracy is within ``margin`` of the largest budget's.
+    """
+    ladder, rungs = _ladder(results)
+    n = len(rungs[0])
     grid = {round(i / 20, 2) for i in range(21)}
     thresholds = sorted(grid | {s["confidence"] for rung in rungs for s in rung} | {1.01})
-
-    def answering_level(i: int, t: float) -> int:
-        """The rung that answers sample ``i`` at threshold ``t``."""
-        return next(
-            (lv for lv, rung in enumerate(rungs) if rung[i]["confidence"] >= t), len(rungs) - 1
-        )
-
-    points: list[dict[str, Any]] = []
-    for t in thresholds:
-        hits, answered, spent = 0, 0.0, 0.0
-        chosen: dict[int, int] = {}
-        by_kind: dict[str, list[int]] = {}
-        for i in range(n):
-            level = answering_level(i, t)
-            sample, budget = rungs[level][i], ladder[level]["tokens"]
-            spent += sum(rung[i]["vision_tokens_per_image"] for rung in rungs[: level + 1])
-            hits += sample["hit"]
-            answered += sample["vision_tokens_per_image"]
-            chosen[budget] = chosen.get(budget, 0) + 1
-            if sample.get("kind") is not None:
-                by_kind.setdefault(str(sample["kind"]), []).append(budget)
-        points.append({
-            "threshold": t,
-            "accuracy": hits / n,
-            "vision_tokens_per_image": answered / n,
-            "vision_tokens_per_image_spent": spent / n,
-            "answered_at": dict(sorted(chosen.items())),
-            "mean_budget_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-        })  # fmt: skip
+    points = [auto_point(ladder, t) for t in thresholds]
     fixed = [
         {
             "tokens": r["tokens"],
-            "accuracy": r["accuracy"],
+            "accuracy": sum(s["hit"] for s in r["per_sample"]) / n,
             "vision_tokens_per_image": sum(s["vision_tokens_per_image"] for s in r["per_sample"])
             / n,
         }

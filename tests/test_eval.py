@@ -133,7 +133,7 @@ def _sample(hit, confidence, tokens, kind):
 
 
 def test_auto_sweep_decides_as_adaptive_generate_does():
-    from flexproj.recipes.evaluate import auto_sweep
+    from flexproj.recipes.evaluate import auto_point, auto_sweep
 
     # three samples on a 4 / 16 ladder: (hit, confidence) at 4, then at 16
     at4 = [_sample(True, 0.9, 4, "colour"), _sample(False, 0.3, 4, "position"),
@@ -146,6 +146,7 @@ def test_auto_sweep_decides_as_adaptive_generate_does():
     ]
     sweep = auto_sweep(results, margin=0.0)
     point = {round(p["threshold"], 2): p for p in sweep["thresholds"]}
+    assert auto_point(results, 0.5) == point[0.5]  # the sweep is auto_point at each threshold
     assert point[0.0]["accuracy"] == pytest.approx(1 / 3)  # nobody escalates
     assert point[0.0]["vision_tokens_per_image_spent"] == 4
     # threshold 0.5: the 0.3 sample escalates (and is right at 16); 0.6 and 0.9 stay
