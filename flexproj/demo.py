@@ -1092,9 +1092,20 @@ def _evaluate_run(
     )  # fmt: skip
     accuracy = {str(r["tokens"]): {"all": r["accuracy"], **r["accuracy_by_kind"]} for r in results}
     ladder = [r for r in results if r["tokens"] in {*(cfg.train_tokens or ()), cfg.native_tokens}]
-    # held out: the threshold is chosen on the even questions and scored on the odd ones
-    calibrate = [{**r, "per_sample": r["per_sample"][0::2]} for r in ladder]
-    held_out = [{**r, "per_sample": r["per_sample"][1::2]} for r in ladder]
+    # held out: the threshold is chosen on half the questions of each kind, scored on the
+    # other half (the evaluation set interleaves kinds, so plain parity would split by kind)
+    by_kind: dict[Any, list[int]] = {}
+    for i, sample in enumerate(ladder[0]["per_sample"]):
+        by_kind.setdefault(sample.get("kind"), []).append(i)
+    first = {i for ids in by_kind.values() for i in ids[0::2]}
+
+    def half(keep: bool) -> list[dict[str, Any]]:
+        return [
+            {**r, "per_sample": [s for i, s in enumerate(r["per_sample"]) if (i in first) == keep]}
+            for r in ladder
+        ]
+
+    calibrate, held_out = half(True), half(False)
     threshold = auto_sweep(calibrate)["chosen"]["threshold"]
     point = auto_point(held_out, threshold)
     native = max(held_out, key=lambda r: r["tokens"])["per_sample"]
