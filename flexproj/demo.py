@@ -891,7 +891,7 @@ class ConvertConfig:
 
     family: str = "llava"
     # the stock reference: projector + LLM trained at the native budget from a random init
-    # (the default run: 4m21s on 2 CPU cores, docs/DEMO.md)
+    # (the default run: about 4m20s on 2 CPU cores, docs/DEMO.md)
     stock_steps: int = 800
     stock_lr: float = 3e-3
     # conversion: K optimiser steps per recipe row (a fraction of the stock training)
