@@ -31,6 +31,11 @@ _BUDGET: contextvars.ContextVar[Budget | None] = contextvars.ContextVar(
     "flexproj_tokens", default=None
 )
 
+#: (instance id, reset token) of the tokens() blocks open in this context
+_ENTERED: contextvars.ContextVar[tuple[tuple[int, contextvars.Token[Any]], ...]] = (
+    contextvars.ContextVar("flexproj_tokens_entered", default=())
+)
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["Budget", "budget_spec", "budget_value", "current_tokens", "tokens"]
@@ -74,10 +79,14 @@ class tokens:
 
     def __init__(self, n: object) -> None:
         self.n: Budget = budget_spec(n)
-        self._resets: list[contextvars.Token[Budget | None]] = []
+        self._last: contextvars.Token[Budget | None] | None = None
 
     def __enter__(self) -> Budget:
-        self._resets.append(_BUDGET.set(self.n))
+        reset = _BUDGET.set(self.n)
+        # kept per context, so one instance shared by threads or tasks exits each block
+        # with that block's own token
+        _ENTERED.set((*_ENTERED.get(), (id(self), reset)))
+        self._last = reset
         return self.n
 
     def __exit__(
@@ -86,7 +95,14 @@ class tokens:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        reset = self._resets.pop()
+        entered = _ENTERED.get()
+        mine = [i for i, (owner, _) in enumerate(entered) if owner == id(self)]
+        if mine:
+            reset = entered[mine[-1]][1]
+            _ENTERED.set(entered[: mine[-1]] + entered[mine[-1] + 1 :])
+        else:  # exited in another context than the one it was entered in
+            assert self._last is not None
+            reset = self._last
         try:
             _BUDGET.reset(reset)
         except ValueError:  # exited in another context (a generator resumed elsewhere)

@@ -75,3 +75,46 @@ def test_non_positive_budget_raises(bad):
 def test_non_integer_budget_raises(bad):
     with pytest.raises(flexproj.BudgetError, match="positive int"), flexproj.tokens(bad):
         pass
+
+
+def test_one_instance_shared_by_threads_restores_each_threads_budget():
+    """A module-level ``flexproj.tokens(n)`` used as ``with BUDGET:`` by two threads at once:
+    a enters, b enters, a exits, b exits. Each block must exit with its own thread's reset;
+    a stack on the instance would hand a the token b pushed."""
+    shared = flexproj.tokens(64)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with flexproj.tokens(4):
+            with shared:
+                a_in.set()
+                b_in.wait(5)
+                seen["a", "inside"] = current_tokens()
+            seen["a", "after"] = current_tokens()
+            a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with flexproj.tokens(9):
+            with shared:
+                b_in.set()
+                a_out.wait(5)
+                seen["b", "inside"] = current_tokens()
+            seen["b", "after"] = current_tokens()
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {("a", "inside"): 64, ("a", "after"): 4, ("b", "inside"): 64, ("b", "after"): 9}
+
+
+def test_one_instance_nested_in_itself():
+    shared = flexproj.tokens(16)
+    with flexproj.tokens(4), shared:
+        with shared:
+            assert current_tokens() == 16
+        assert current_tokens() == 16
+    assert current_tokens() is None
