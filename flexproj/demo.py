@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 import flexproj
 from flexproj.schedule import TokenSchedule
 from flexproj.testing import tiny_vlm
-from flexproj.testing.datasets import KINDS, VOCAB, Sample, make_sample
+from flexproj.testing.datasets import KINDS, VOCAB, Sample, make_sample, write_llava_dataset
 
 __all__ = ["DemoConfig", "format_table", "run_demo"]
 
@@ -707,6 +707,20 @@ def run_demo(
 # ----------------------------------------------------------------------------- reporting
 
 
+def _pipe_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows (the first is the header) as an aligned markdown table: labels left, cells right."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+        if j == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
 def _cell(stat: dict[str, float], seeds: int, pct: bool = True) -> str:
     scale = 100.0 if pct else 1.0
     if seeds > 1:
@@ -723,16 +737,7 @@ def format_table(results: dict[str, Any], kind: str = "all") -> str:
     for name, rec in results["runs"].items():
         seeds = len(rec["seeds"])
         rows.append([name] + [_cell(rec["accuracy"][str(n)][kind], seeds) for n in budgets])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = []
-    for j, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-        if j == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return _pipe_table(rows)
 
 
 def format_report(results: dict[str, Any]) -> str:
@@ -988,25 +993,7 @@ def row_label(row: str) -> str:
 
 def _write_split(samples: Sequence[Sample], out: Path, name: str, prefix: str) -> Path:
     """PNGs + LLaVA JSON, question first (``"{question} <image>"``: see docs/DEMO.md)."""
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, sample in enumerate(samples):
-        rel = f"images/{prefix}{i:06d}.png"
-        sample.image.save(out / rel)
-        records.append(
-            {
-                "id": f"{prefix}{i:06d}",
-                "image": rel,
-                "conversations": [
-                    {"from": "human", "value": f"{sample.question} <image>"},
-                    {"from": "gpt", "value": sample.answer},
-                ],
-                "kind": sample.kind,
-            }
-        )
-    path = out / name
-    path.write_text(json.dumps(records))
-    return path
+    return write_llava_dataset(samples, out, name, prefix=prefix, question_first=True)
 
 
 def write_convert_data(cfg: ConvertConfig, out: Path) -> tuple[Path, Path]:
@@ -1409,16 +1396,7 @@ def format_convert_table(results: dict[str, Any], kind: str = "all") -> str:
                 for n in budgets
             ]
         )
-    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
-    text = []
-    for j, row in enumerate(lines):
-        cells = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        text.append("| " + " | ".join(cells) + " |")
-        if j == 0:
-            text.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(text)
+    return _pipe_table(lines)
 
 
 def format_convert_report(results: dict[str, Any]) -> str:

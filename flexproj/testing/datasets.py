@@ -138,20 +138,31 @@ def write_llava_dataset(
     out_dir: str | Path,
     name: str = "data.json",
     image_token: str = "<image>",
+    *,
+    prefix: str = "",
+    question_first: bool = False,
 ) -> Path:
-    """Write PNGs under ``out_dir/images`` and the LLaVA JSON; returns the JSON path."""
+    """Write PNGs under ``out_dir/images`` and the LLaVA JSON; returns the JSON path.
+
+    ``prefix`` starts every id and image name (several splits in one folder);
+    ``question_first``: ``"{question} {image_token}"`` instead of LLaVA's image-first turn."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i, sample in enumerate(samples):
-        rel = f"images/{i:06d}.png"
+        rel = f"images/{prefix}{i:06d}.png"
         sample.image.save(out / rel)
+        human = (
+            f"{sample.question} {image_token}"
+            if question_first
+            else f"{image_token}\n{sample.question}"
+        )
         records.append(
             {
-                "id": f"{i:06d}",
+                "id": f"{prefix}{i:06d}",
                 "image": rel,
                 "conversations": [
-                    {"from": "human", "value": f"{image_token}\n{sample.question}"},
+                    {"from": "human", "value": human},
                     {"from": "gpt", "value": sample.answer},
                 ],
                 "kind": sample.kind,
