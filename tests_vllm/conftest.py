@@ -45,3 +45,29 @@ def engine_kwargs() -> dict[str, Any]:
         "kv_cache_memory_bytes": 128 * 2**20,
         "limit_mm_per_prompt": {"image": 2},
     }
+
+
+def start_engine(model_dir: Any) -> Any:
+    """A vLLM engine on an exported model directory, with the tests' settings."""
+    from vllm import LLM
+
+    return LLM(model=str(model_dir), **engine_kwargs())
+
+
+def stop_engine(engine: Any) -> None:
+    engine.llm_engine.engine_core.shutdown()
+
+
+def greedy() -> Any:
+    """Greedy sampling of exactly NEW_TOKENS tokens (what hf_greedy compares with)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+
+
+def request(prompt: str, images: list, tokens: int | None) -> dict:
+    """One prompt with its images, and its budget in ``mm_processor_kwargs`` when given."""
+    req: dict = {"prompt": prompt, "multi_modal_data": {"image": images}}
+    if tokens is not None:
+        req["mm_processor_kwargs"] = {"tokens": tokens}
+    return req

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import NEW_TOKENS, engine_kwargs, hf_greedy
+from conftest import greedy, hf_greedy, request, start_engine, stop_engine
 
 from flexproj import target_grid
 from flexproj.testing import tiny_images
@@ -25,24 +25,9 @@ def placeholders(tokens: int, image: int) -> int:
 
 @pytest.fixture(scope="module")
 def llm(exported: dict) -> Any:
-    from vllm import LLM
-
-    engine = LLM(model=str(exported["qwen2_5_vl"][2]), **engine_kwargs())
+    engine = start_engine(exported["qwen2_5_vl"][2])
     yield engine
-    engine.llm_engine.engine_core.shutdown()
-
-
-def greedy() -> Any:
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
-
-
-def request(prompt: str, images: list, tokens: int | None) -> dict:
-    req: dict = {"prompt": prompt, "multi_modal_data": {"image": images}}
-    if tokens is not None:
-        req["mm_processor_kwargs"] = {"tokens": tokens}
-    return req
+    stop_engine(engine)
 
 
 def test_mixed_budgets_non_square_equal_transformers(llm: Any, exported: dict) -> None:
