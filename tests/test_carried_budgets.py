@@ -189,7 +189,6 @@ def test_a_sliced_sub_batch_keeps_its_budgets():
     model, batch, alone = _per_image_batch("llava")
     second = {"input_ids": batch["input_ids"][1:], "attention_mask": batch["attention_mask"][1:],
               "pixel_values": batch["pixel_values"][1:], BUDGETS_KEY: batch[BUDGETS_KEY][1:]}  # fmt: skip
-    n = int(second["attention_mask"].sum())
     torch.testing.assert_close(
         logits(model, second)[0, -1], logits(model, alone[1])[0, -1], rtol=1e-4, atol=1e-4
     )
