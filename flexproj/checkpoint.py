@@ -129,6 +129,12 @@ def save_pretrained(
             )
         live = state_dict
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in live.items()}
+    for name, tensor in tensors.items():  # before anything is written: keep the last good save
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"the projector's {name!r} holds NaN or infinite values (training diverged); "
+                f"nothing was written, {path} keeps what it had"
+            )
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True)

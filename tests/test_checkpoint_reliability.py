@@ -249,3 +249,22 @@ def test_tampered_checkpoints_raise_only_checkpoint_error(original, tmp_path_fac
     except flexproj.CheckpointError:
         return
     assert not must_fail, "a tampered checkpoint loaded"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_projector_never_replaces_a_good_checkpoint(tmp_path, bad):
+    import torch
+
+    model, _ = tiny_vlm("llava")
+    flexproj.patch(model, tokens=16)
+    good = flexproj.save_pretrained(model, tmp_path / "ckpt")
+    before = {n: (good / n).read_bytes() for n in (WEIGHTS_NAME, CONFIG_NAME)}
+    weight = next(iter(flexproj.get_projector(model).parameters()))
+    with torch.no_grad():
+        weight.view(-1)[0] = bad
+    with pytest.raises(flexproj.CheckpointError, match="NaN or infinite"):
+        flexproj.save_pretrained(model, tmp_path / "ckpt")
+    assert {n: (good / n).read_bytes() for n in (WEIGHTS_NAME, CONFIG_NAME)} == before
+    assert sorted(p.name for p in good.iterdir()) == sorted(before)  # no temporary left
+    fresh, _ = tiny_vlm("llava")
+    flexproj.from_pretrained(fresh, good)  # the last good projector still loads
