@@ -74,6 +74,16 @@ def _write_temp(target: Path, write: Callable[[str], None]) -> str:
     return tmp
 
 
+def write_atomically(target: Path, write: Callable[[str], None]) -> None:
+    """``write(path)`` a complete file at ``target``: written beside it with the mode a plain
+    write gets (0o666 less the umask, whatever the writer does), synced, moved into place."""
+    tmp = _write_temp(target, write)
+    try:
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _write_text(path: str, text: str) -> None:
     Path(path).write_text(text)
 
