@@ -1,6 +1,6 @@
 """The contract every model family implements (:class:`FamilyAdapter`), and the pieces
 of it that are the same for every family: budget checks, the placeholder-count guard,
-the record of which budget built which inputs, the stock-projector bookkeeping.
+the budget the inputs carry (:mod:`flexproj.carried`), the stock-projector bookkeeping.
 
 A family module (``flexproj.adapters.<family>``) subclasses :class:`FamilyAdapter` and
 registers an instance with :func:`flexproj.registry.register_adapter`. It provides:
@@ -19,6 +19,19 @@ registers an instance with :func:`flexproj.registry.register_adapter`. It provid
   will produce, through the given :class:`~flexproj.patcher.Patcher`;
 * optionally ``recipe`` (the ``flexproj.recipes`` module training it) and ``tiny``
   (variants for tests and demos), which the rest of the project reads from the registry.
+
+The budget travels with the inputs, and a family does almost nothing for it: its
+patched ``replace_image_token`` calls :func:`note_image` with each image's placeholder
+count (``tokens=``) and, where an image becomes several projector rows, their number
+(``units=``); :meth:`FamilyAdapter.install_processor_common` then attaches
+``flexproj_budgets`` to the processor's output, and :meth:`FamilyAdapter.install_common`
+makes ``forward`` / ``generate`` run at it. Slots and overrides read the budget only
+through the state (``state.budget()``, ``image_budgets``, ``unit_budgets``), which gives
+what the running inputs carry. A family whose model reads the budget in a method that
+``generate`` calls outside ``forward`` with its model kwargs (Qwen's ``get_rope_index``)
+wraps that method in :func:`flexproj.carried.budget_scope`. The vision tower's
+``forward`` is overridden once for :func:`flexproj.encoder_cache.vision_cache`
+(:meth:`FamilyAdapter.vision_tower` names it).
 """
 
 from __future__ import annotations
@@ -62,7 +75,7 @@ def check_count(state: PatchState, kind: str, placeholders: int, produced: int) 
         f"{state.adapter.unit}). Build the inputs with a processor patched by "
         "flexproj.patch(model, processor) under the budget that runs the model: inside the "
         "same flexproj.tokens(n) block, or with no block around the model call (the model "
-        "then uses the budget the inputs were built with)."
+        "then runs at the budgets the inputs carry)."
     )
 
 

@@ -305,3 +305,24 @@ def test_resume_true_skips_a_checkpoint_cut_off_while_saving(tmp_path, capfd):
     assert main("llava", named) == 2
     err = capfd.readouterr().err
     assert "checkpoint-9: not a complete checkpoint" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "internvl"])
+def test_state_dict_keeps_the_patched_tree_and_the_stock_save_has_stock_names(family, tmp_path):
+    """Decided (docs/BUDGETS.md): a patched model's ``state_dict()`` is its module tree as
+    patched (``...stock.`` and ``...projector.`` keys), so it loads back into a patched model;
+    what the stock class loads is ``model.save_pretrained`` (``stock_state_dict``): exactly
+    the unpatched model's keys and values."""
+    import torch
+
+    model, _ = tiny_vlm(family)
+    stock = {k: v.clone() for k, v in model.state_dict().items()}
+    flexproj.patch(model, tokens=16)
+    patched_keys = set(model.state_dict())
+    assert any(".stock." in k for k in patched_keys) and not set(stock) <= patched_keys
+    saved = flexproj.checkpoint.stock_state_dict(model, model.state_dict())
+    assert set(saved) == set(stock)
+    assert all(torch.equal(saved[k], stock[k]) for k in stock)
+    model.save_pretrained(tmp_path / "model")
+    reloaded = type(model).from_pretrained(tmp_path / "model")
+    assert all(torch.equal(v, stock[k]) for k, v in reloaded.state_dict().items())

@@ -208,3 +208,77 @@ def test_library_code_raises_typed_flexproj_errors():
     assert found == {}
     assert raised_untyped("def f():\n    raise SystemExit(2)\nraise RuntimeError\n") == [2, 3]
     assert raised_untyped("raise PatchError('x')\nraise\n") == []
+
+
+# --------------------------------------------------------------------------- no import cycle
+
+
+def _type_checking_lines(tree: ast.AST) -> set[int]:
+    """Lines inside ``if TYPE_CHECKING:`` blocks (never imported at run time)."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Library module -> the library modules it imports at run time, at any depth of the
+    file (module level and inside functions); packages' ``__init__`` re-exports left out."""
+    files = {module_name(f): f for f in source_files()}
+    packages = {m for m, f in files.items() if f.name == "__init__.py"}
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        source = (ROOT / path).read_text(encoding="utf-8")
+        skip = _type_checking_lines(ast.parse(source))
+        targets = imported_modules(source, module, path.name == "__init__.py")
+        graph[module] = {
+            t for line, t in targets
+            if line not in skip and t in files and t not in packages and t != module
+        }  # fmt: skip
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle_among_library_modules():
+    graph = import_graph()
+    assert "flexproj.checkpoint" in graph and "flexproj.family" in graph
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_function_level_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
