@@ -220,3 +220,24 @@ def test_generate_expansion_keeps_per_image_budgets(family, how):
         for row, one in enumerate(alone):
             ref = model.generate(**one, **kwargs)[:, one["input_ids"].shape[1] :]
             assert torch.equal(out[2 * row : 2 * row + 2, start:], ref)
+
+
+def test_the_recipes_batches_carry_their_budgets(tmp_path):
+    """A training batch (answers appended, right-padded) keeps the key: the model runs it
+    with no block at the per-image budgets it was built with."""
+    from flexproj.recipes.data import Batcher, ConversationDataset
+    from flexproj.recipes.family import get_recipe
+    from flexproj.testing.datasets import make_samples, write_llava_dataset
+
+    recipe = get_recipe("llava")
+    model, processor = recipe.load("tiny:llava")
+    flexproj.patch(model, processor, tokens=16)
+    batcher = Batcher(
+        recipe, processor, prompt_format="plain", system_prompt=None, pad_to_square=False
+    )
+    dataset = ConversationDataset(write_llava_dataset(make_samples(2, seed=0), tmp_path))
+    with flexproj.tokens([4, 9]):
+        batch = batcher.train_batch([dataset[0], dataset[1]])
+        inside = model(**batch).loss
+    assert batch[BUDGETS_KEY][..., 0].tolist() == [[4], [9]]
+    torch.testing.assert_close(model(**batch).loss, inside)
