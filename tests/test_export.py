@@ -48,6 +48,7 @@ def test_export_refuses_a_projector_of_another_family(tmp_path, capsys):
     flexproj.patch(qwen)
     flexproj.save_pretrained(qwen, tmp_path / "proj")
     args = ["export", str(tmp_path / "base"), str(tmp_path / "proj"), str(tmp_path / "out")]
+    capsys.readouterr()  # (the saves' progress bars)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "qwen2_5_vl" in err
