@@ -37,6 +37,7 @@ _FAMILY_MODULES: dict[str, str] = {
     "qwen2_vl": "flexproj.adapters.qwen_vl",
     "qwen2_5_vl": "flexproj.adapters.qwen_vl",
     "qwen3_vl": "flexproj.adapters.qwen_vl",
+    "qwen3_5": "flexproj.adapters.qwen3_5",
     "internvl": "flexproj.adapters.internvl",
 }
 _ADAPTERS: dict[str, FamilyAdapter] = {}

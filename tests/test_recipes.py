@@ -153,12 +153,9 @@ def test_align_then_finetune_full_and_lora_then_evaluate(family, data, tmp_path)
     stock = fresh.state_dict()
     assert set(trained) == set(stock)
     assert not all(torch.equal(trained[k], stock[k]) for k in trained if "language_model" in k)
-    slot = {
-        "llava": "multi_modal_projector",
-        "qwen_vl": "visual.merger",
-        "internvl": "multi_modal_projector",
-    }[family]
-    slot_keys = [k for k in stock if f".{slot}." in k]
+    parent, attribute = flexproj.registry.adapter_for(fresh).projector_slot(fresh)
+    prefix = next(name for name, module in fresh.named_modules() if module is parent)
+    slot_keys = [k for k in stock if k.startswith(f"{prefix}.{attribute}.")]
     assert slot_keys and all(torch.equal(trained[k], stock[k]) for k in slot_keys)
 
     # all three evaluate at two budgets
