@@ -292,6 +292,13 @@ def _vision_token_ids(source: Any) -> list[int]:
     return [i for i in ids if isinstance(i, int)]
 
 
+def _processor_vision_ids(processor: Any, state: PatchState) -> list[int]:
+    """The id of the token the model replaces per image feature, then the video one."""
+    image = processor.tokenizer.convert_tokens_to_ids(state.adapter.placeholder_token(processor))
+    video = getattr(processor, "video_token_id", None)
+    return [i for i in (image, video) if isinstance(i, int)]
+
+
 #: keyword arguments that carry images or videos into forward / generate
 _VISION_INPUTS = ("pixel_values", "pixel_values_videos")
 
@@ -341,7 +348,7 @@ def _record_built_inputs(self: Any, text: Any, text_inputs: Any, *args: Any, **k
             text_inputs.get("attention_mask"),
             state.budget(),
             noted,
-            _vision_token_ids(self),
+            _processor_vision_ids(self, state),
         )
     return result
 
@@ -359,9 +366,10 @@ def _num_multimodal_tokens(self: Any, image_sizes: Any = None, **kwargs: Any) ->
         blank = np.zeros((int(height), int(width), 3), dtype=np.uint8)
         inputs = dict(self.image_processor(images=[blank], return_tensors="pt"))
         inputs.setdefault("batch_num_images", [1])
-        patched = self.replace_image_token(inputs, 0).count(self.image_token)
+        token = state.adapter.placeholder_token(self)
+        patched = self.replace_image_token(inputs, 0).count(token)
         with disabled_state(state):
-            stock = self.replace_image_token(inputs, 0).count(self.image_token)
+            stock = self.replace_image_token(inputs, 0).count(token)
         counts.append(stock_count + patched - stock)
     return dataclasses.replace(data, num_image_tokens=counts)
 
@@ -390,6 +398,12 @@ class FamilyAdapter(abc.ABC):
     recipe: ClassVar[str | None] = None
     #: the module declaring this family's tiny variants (``TINY``) and bench shape (``BENCH``)
     tiny: ClassVar[str | None] = None
+    #: how ``projector="stock"`` may pool (``flexproj.patch(..., stock_pooling=)``): "after"
+    #: the stock projector (every family); "first" where the stock projector pools itself
+    stock_poolings: ClassVar[tuple[str, ...]] = ("after",)
+    #: the processor wants a batch's images as one list per sample (Gemma 3 counts each
+    #: sample's images against its prompt); the others take a flat list too
+    nested_images: ClassVar[bool] = False
 
     # --- model side -------------------------------------------------------
     @abc.abstractmethod
@@ -414,6 +428,20 @@ class FamilyAdapter(abc.ABC):
     @abc.abstractmethod
     def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
         """Make ``processor`` emit the placeholders the patched model expects."""
+
+    def processor_images(self, per_sample: Sequence[Sequence[Any]]) -> list[Any] | None:
+        """A batch's images (one sequence per sample) as the processor takes them: one
+        list per sample where it wants that (:attr:`nested_images`), else flat; None
+        without any."""
+        if not any(per_sample):
+            return None
+        if self.nested_images:
+            return [list(images) for images in per_sample]
+        return [im for images in per_sample for im in images]
+
+    def placeholder_token(self, processor: Any) -> str:
+        """The token the processor repeats per vision token (what the model replaces)."""
+        return str(processor.image_token)
 
     def base(self, model: Model) -> nn.Module:
         """The inner ``*Model`` that owns the vision tower and ``get_placeholder_mask``."""
