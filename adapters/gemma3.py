@@ -38,7 +38,7 @@ writes ``h*w`` soft tokens in each. The prompt's own image marker is ``<boi>``
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -46,11 +46,11 @@ from transformers import Gemma3ForConditionalGeneration, Gemma3Model, Gemma3Proc
 
 from flexproj._types import Model
 from flexproj.family import FamilyAdapter, note_image
-from flexproj.grid_slot import SquareGridSlot
+from flexproj.grid_slot import SquareGridSlot, install_square_slot, unit_tokens
 from flexproj.patcher import Patcher, stock_method
 from flexproj.pooling import Grid, pool_grid, target_grid
 from flexproj.registry import register_adapter
-from flexproj.state import STATE_ATTR, PatchState, state_of
+from flexproj.state import PatchState, state_of
 
 __all__ = ["Gemma3Adapter", "PooledGridProjector"]
 
@@ -87,6 +87,7 @@ class Gemma3Adapter(FamilyAdapter):
     processor_classes: ClassVar[tuple[type, ...]] = (Gemma3Processor,)
     stock_poolings: ClassVar[tuple[str, ...]] = ("after", "first")
     nested_images = True
+    expands_mixed_budgets = False  # mixed budgets: one (1, sum n_i, D) row (SquareGridSlot)
     unit = "image or crop"
     recipe = "gemma3"
     tiny = "flexproj.adapters.gemma3_tiny"
@@ -107,21 +108,10 @@ class Gemma3Adapter(FamilyAdapter):
         return str(processor.tokenizer.image_token)
 
     def install(self, model: Model, state: PatchState) -> None:
-        base = self.base(model)
-        state.model_facts["grid"] = _output_grid(model, state.mode)
-        stock = cast(nn.Module, base.multi_modal_projector)
-        self.freeze_stock(stock, state)
-        projector = state.projector if state.mode == "flex" else None
         side, stock_side = _output_grid(model, "flex")[0], _output_grid(model, "stock")[0]
-        slot = PooledGridProjector(projector, stock, side, stock_side)
-        setattr(slot, STATE_ATTR, state)
-        state.model_patcher.set(base, "multi_modal_projector", slot)
-
-    def crop_tokens(self, state: PatchState, budget: int) -> int:
-        """Soft tokens per image or crop under ``budget``."""
-        grid = state.model_facts["grid"]
-        h, w = target_grid(self.check_budget(budget, grid[0] * grid[1]), grid)
-        return h * w
+        install_square_slot(
+            state, self.base(model), "multi_modal_projector", side, stock_side, PooledGridProjector
+        )
 
     def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
         self.check_processor(processor)
@@ -135,7 +125,7 @@ def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs
         return stock_method(self, "replace_image_token")(image_inputs, image_idx, **kwargs)
     crops = int(image_inputs["num_crops"][image_idx])
     budget = state.image_budgets(len(image_inputs["num_crops"]))[image_idx]
-    count = cast(Gemma3Adapter, state.adapter).crop_tokens(state, budget)
+    count = unit_tokens(state, budget)  # soft tokens per image or crop
     note_image(image_idx, units=1 + crops, tokens=count * (1 + crops))
     tok = self.tokenizer
     sequence = f"\n\n{tok.boi_token}{tok.image_token * count}{tok.eoi_token}\n\n"

@@ -54,6 +54,14 @@ _CHAT_TEMPLATE = (
 )
 
 
+def _layer_types(layers: int, every: int) -> list[str]:
+    """One global layer in every ``every`` (and the last), sliding-window else."""
+    return [
+        "full_attention" if (i + 1) % every == 0 or i == layers - 1 else "sliding_attention"
+        for i in range(layers)
+    ]
+
+
 def _config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     return {
         "vision_config": SiglipVisionConfig(
@@ -79,11 +87,7 @@ def _fit(config_kwargs: Kwargs, text_overrides: Kwargs, vision_overrides: Kwargs
     """Layer types follow the text depth (every second layer global, the last one too)."""
     text = config_kwargs["text_config"]
     if "layer_types" not in text_overrides:
-        layers = int(text["num_hidden_layers"])
-        text["layer_types"] = [
-            "full_attention" if (i + 1) % 2 == 0 or i == layers - 1 else "sliding_attention"
-            for i in range(layers)
-        ]
+        text["layer_types"] = _layer_types(int(text["num_hidden_layers"]), 2)
 
 
 def _processor(
@@ -132,13 +136,9 @@ TINY: dict[str, TinySpec] = {
 
 
 def _adjust(vision: Kwargs, text: Kwargs, vision_layers: int, head_dim: int) -> None:
-    layers = int(text["num_hidden_layers"])
     text["head_dim"] = head_dim
     text["query_pre_attn_scalar"] = head_dim
-    text["layer_types"] = [
-        "full_attention" if (i + 1) % 6 == 0 or i == layers - 1 else "sliding_attention"
-        for i in range(layers)
-    ]
+    text["layer_types"] = _layer_types(int(text["num_hidden_layers"]), 6)  # as Gemma 3's
 
 
 BENCH: dict[str, BenchShape] = {

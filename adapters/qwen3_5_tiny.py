@@ -45,6 +45,14 @@ def _rope(head_dim: int) -> dict[str, Any]:
     }
 
 
+def _layer_types(layers: int, every: int) -> list[str]:
+    """One full-attention layer in every ``every`` (and the last), linear attention else."""
+    return [
+        "full_attention" if (i + 1) % every == 0 or i == layers - 1 else "linear_attention"
+        for i in range(layers)
+    ]
+
+
 def _linear_attention(heads: int, head_dim: int) -> dict[str, Any]:
     """Gated DeltaNet sizes: as many key / value heads as attention heads, head_dim wide."""
     return {
@@ -77,12 +85,8 @@ def _fit(config_kwargs: Kwargs, text_overrides: Kwargs, vision_overrides: Kwargs
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     if "rope_parameters" not in text_overrides:
         text["rope_parameters"] = _rope(head_dim)
-    if "layer_types" not in text_overrides:  # 1 full-attention layer in every 2, last one full
-        layers = int(text["num_hidden_layers"])
-        text["layer_types"] = [
-            "full_attention" if (i + 1) % 2 == 0 or i == layers - 1 else "linear_attention"
-            for i in range(layers)
-        ]
+    if "layer_types" not in text_overrides:
+        text["layer_types"] = _layer_types(int(text["num_hidden_layers"]), 2)
 
 
 TINY: dict[str, TinySpec] = {
@@ -103,11 +107,7 @@ TINY: dict[str, TinySpec] = {
 def _adjust(vision: Kwargs, text: Kwargs, vision_layers: int, head_dim: int) -> None:
     text["head_dim"] = head_dim
     text.update(_linear_attention(text["num_attention_heads"], head_dim))
-    layers = int(text["num_hidden_layers"])
-    text["layer_types"] = [
-        "full_attention" if (i + 1) % 4 == 0 or i == layers - 1 else "linear_attention"
-        for i in range(layers)
-    ]
+    text["layer_types"] = _layer_types(int(text["num_hidden_layers"]), 4)  # as the real ones
 
 
 BENCH: dict[str, BenchShape] = {

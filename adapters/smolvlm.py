@@ -32,7 +32,7 @@ Processor: ``SmolVLMProcessor.replace_image_token`` writes, per tile, ``<fake_to
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -41,11 +41,11 @@ from transformers.models.smolvlm import processing_smolvlm
 
 from flexproj._types import Model
 from flexproj.family import FamilyAdapter, note_image
-from flexproj.grid_slot import SquareGridSlot
+from flexproj.grid_slot import install_square_slot, unit_tokens
 from flexproj.patcher import Patcher, stock_method
-from flexproj.pooling import Grid, target_grid
+from flexproj.pooling import Grid
 from flexproj.registry import register_adapter
-from flexproj.state import STATE_ATTR, PatchState, state_of
+from flexproj.state import PatchState, state_of
 
 __all__ = ["SmolVLMAdapter"]
 
@@ -90,22 +90,10 @@ class SmolVLMAdapter(FamilyAdapter):
         return rows * cols
 
     def install(self, model: Model, state: PatchState) -> None:
-        base = self.base(model)
-        state.model_facts["grid"] = _grid(model, state.mode)
-        stock = cast(nn.Module, base.connector)
-        self.freeze_stock(stock, state)
-        projector = state.projector if state.mode == "flex" else None
         side, stock_side = _grid(model, "flex")[0], _grid(model, "stock")[0]
-        slot = SquareGridSlot(projector, stock, side, stock_side, pad_units=True)
-        setattr(slot, STATE_ATTR, state)
-        state.model_patcher.set(base, "connector", slot)
+        base = self.base(model)
+        install_square_slot(state, base, "connector", side, stock_side, pad_units=True)
         state.model_patcher.override_method(base, "get_image_features", _get_image_features)
-
-    def tile_tokens(self, state: PatchState, budget: int) -> int:
-        """``<image>`` tokens per tile under ``budget``."""
-        grid = state.model_facts["grid"]
-        h, w = target_grid(self.check_budget(budget, grid[0] * grid[1]), grid)
-        return h * w
 
     def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
         self.check_processor(processor)
@@ -125,8 +113,7 @@ def _get_image_features(self: Model, *args: Any, **kwargs: Any) -> Any:
     per_sample = output.pooler_output  # [(tiles_i * n, D)] per sample
     budgets = state.unit_budgets(output.last_hidden_state.shape[0], units_are_images=True)
     if len(set(budgets)) > 1:
-        adapter = cast(SmolVLMAdapter, state.adapter)
-        counts = [adapter.tile_tokens(state, n) for n in budgets]  # per tile, in order
+        counts = [unit_tokens(state, n) for n in budgets]  # per tile, in order
         longest, start, trimmed = max(counts), 0, []
         for features in per_sample:  # (tiles_i * longest, D)
             k = features.shape[0] // longest
@@ -147,7 +134,7 @@ def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs
     rows = [r for per_sample in image_inputs["rows"] for r in per_sample]
     cols = [c for per_sample in image_inputs["cols"] for c in per_sample]
     budget = state.image_budgets(len(rows))[image_idx]
-    count = cast(SmolVLMAdapter, state.adapter).tile_tokens(state, budget)
+    count = unit_tokens(state, budget)  # <image> tokens per tile
     tiles = rows[image_idx] * cols[image_idx]
     units = tiles + 1 if tiles else 1  # the tiles and the global view, or the global view
     note_image(image_idx, units=units, tokens=units * count)

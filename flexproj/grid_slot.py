@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from flexproj.pooling import Grid, pool_grid, target_grid
-from flexproj.state import PatchState, state_of
+from flexproj.state import STATE_ATTR, PatchState, state_of
 
-__all__ = ["SquareGridSlot"]
+__all__ = ["SquareGridSlot", "install_square_slot", "unit_tokens"]
 
 
 class SquareGridSlot(nn.Module):
@@ -78,3 +78,34 @@ class SquareGridSlot(nn.Module):
             return self.projector(features, tokens=n, grid=grid)
         stock_grid: Grid = (self.stock_side, self.stock_side)
         return pool_grid(self.stock(features), stock_grid, target_grid(n, stock_grid))
+
+
+def install_square_slot(
+    state: PatchState,
+    parent: nn.Module,
+    attribute: str,
+    side: int,
+    stock_side: int,
+    slot_cls: type[SquareGridSlot] = SquareGridSlot,
+    **slot_kwargs: bool,
+) -> SquareGridSlot:
+    """Put a ``slot_cls`` in ``parent.attribute`` (recorded on ``state.model_patcher``),
+    holding the stock module (frozen with a FlexProjector) and the budget's grid: G x G
+    (flex) or T x T (stock), read back by :func:`unit_tokens`."""
+    grid_side = side if state.mode == "flex" else stock_side
+    state.model_facts["grid"] = (grid_side, grid_side)
+    stock = getattr(parent, attribute)
+    state.adapter.freeze_stock(stock, state)
+    projector = state.projector if state.mode == "flex" else None
+    slot = slot_cls(projector, stock, side, stock_side, **slot_kwargs)
+    setattr(slot, STATE_ATTR, state)
+    state.model_patcher.set(parent, attribute, slot)
+    return slot
+
+
+def unit_tokens(state: PatchState, budget: int) -> int:
+    """Placeholder tokens per unit (image, crop, tile) under ``budget``: ``h*w`` of
+    ``target_grid(budget, grid)`` on the grid :func:`install_square_slot` recorded."""
+    grid = state.model_facts["grid"]
+    h, w = target_grid(state.adapter.check_budget(budget, grid[0] * grid[1]), grid)
+    return h * w
