@@ -49,6 +49,12 @@ from flexproj.state import PatchState, state_of
 
 __all__ = ["SmolVLMAdapter"]
 
+if not hasattr(SmolVLMModel, "get_placeholder_mask"):  # (transformers 5.19 merges inline)
+    raise ImportError(
+        "SmolVLMModel has no get_placeholder_mask in this transformers release (5.23 has it): "
+        "flexproj's placeholder/feature check has nothing to guard"
+    )
+
 
 def _grid(model: Model, mode: str) -> Grid:
     """Per tile: the tower's G x G (flex) or the stock connector's G/s x G/s (stock)."""

@@ -16,6 +16,10 @@ import flexproj
 from flexproj.testing import tiny_images, tiny_vlm
 
 FAMILY = "smolvlm"
+try:
+    flexproj.registry.get_adapter(FAMILY)
+except flexproj.registry.FamilyUnavailable as exc:  # transformers 5.19: see adapters/smolvlm.py
+    pytest.skip(str(exc), allow_module_level=True)
 G, T = 8, 4  # tower grid side per 64 px tile (patch 8); stock side after pixel shuffle 2
 
 
