@@ -20,14 +20,26 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from flexproj.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint
 from flexproj.errors import CheckpointError
+from flexproj.registry import get_adapter
 from flexproj.serving.budget import CONFIG_KEY
 from flexproj.serving.vllm_plugin import MODEL_TYPES
 
 __all__ = ["export"]
+
+
+def _check_native(base_dir: Path, model_type: str, tokens: int) -> None:
+    """A default budget above the model's native count is refused (families that cap per
+    image, Qwen, accept any), as ``flexproj.patch`` refuses it: read from the config alone."""
+    from transformers import AutoConfig
+
+    adapter = get_adapter(model_type)
+    native = adapter.native_tokens(SimpleNamespace(config=AutoConfig.from_pretrained(base_dir)))
+    adapter.check_budget(tokens, native)
 
 
 def export(
@@ -58,6 +70,7 @@ def export(
     if tokens is not None:
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
             raise ValueError(f"--tokens must be a positive int, got {tokens!r}")
+        _check_native(base_dir, model_type, tokens)
         flex = {**flex, "default_tokens": tokens}
     if out_dir.exists():
         if not overwrite:
