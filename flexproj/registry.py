@@ -37,7 +37,10 @@ _FAMILY_MODULES: dict[str, str] = {
     "qwen2_vl": "flexproj.adapters.qwen_vl",
     "qwen2_5_vl": "flexproj.adapters.qwen_vl",
     "qwen3_vl": "flexproj.adapters.qwen_vl",
+    "qwen3_5": "flexproj.adapters.qwen3_5",
     "internvl": "flexproj.adapters.internvl",
+    "gemma3": "flexproj.adapters.gemma3",
+    "smolvlm": "flexproj.adapters.smolvlm",
 }
 _ADAPTERS: dict[str, FamilyAdapter] = {}
 

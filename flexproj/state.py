@@ -56,6 +56,9 @@ class PatchState:
     native_tokens: int | None
     #: "flex": FlexProjector, pool first; "stock": stock projector, outputs pooled
     mode: str = "flex"
+    #: mode "stock": pool the stock projector's outputs ("after"), or the tower grid before
+    #: the stock projector's own layers ("first"; families listing it in ``stock_poolings``)
+    stock_pooling: str = "after"
     model_patcher: Patcher = field(default_factory=Patcher)
     processor_patchers: list[tuple[Any, Patcher]] = field(default_factory=list)
     schedule: dict[str, Any] | None = None

@@ -277,7 +277,7 @@ class Batcher:
     def _encode_prompts(
         self, prompts: list[str], examples: Sequence[dict[str, Any]]
     ) -> dict[str, Any]:
-        images = [im for ex in examples for im in self.images(ex)]
+        images = self.recipe.processor_images([self.images(ex) for ex in examples])
         return dict(self.processor(text=prompts, images=images, return_tensors="pt", padding=True))
 
     # --- training / teacher-forced evaluation

@@ -86,7 +86,10 @@ def _image_inputs(
     """The processor's image outputs for ``images`` (one placeholder prompt per image)."""
     placeholder = recipe.image_placeholder(processor)
     encoding = processor(
-        text=[placeholder] * len(images), images=images, return_tensors="pt", padding=True
+        text=[placeholder] * len(images),
+        images=recipe.processor_images([[im] for im in images]),
+        return_tensors="pt",
+        padding=True,
     )
     ids = encoding["input_ids"]
     out = {}

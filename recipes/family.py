@@ -28,7 +28,7 @@ from torch import nn
 from flexproj._types import Model
 from flexproj.recipes.config import ConfigError
 from flexproj.recipes.data import IMAGE_TAG, DataError, Segment
-from flexproj.registry import adapter_for, load_adapters
+from flexproj.registry import adapter_for, get_adapter, load_adapters
 
 __all__ = [
     "UNCAPPED_BUDGET",
@@ -113,6 +113,11 @@ class FamilyRecipe:
     @property
     def model_types(self) -> tuple[str, ...]:
         return tuple(self.model_classes)
+
+    def processor_images(self, per_sample: Sequence[Sequence[Image.Image]]) -> list[Any]:
+        """A batch's images as this family's processor takes them (one sequence per
+        sample in; see ``FamilyAdapter.processor_images``)."""
+        return get_adapter(self.model_types[0]).processor_images(per_sample) or []
 
     # ------------------------------------------------------------------ loading
     def load(

@@ -259,3 +259,21 @@ def test_bench_budgets_quick(tmp_path):
     assert len(answered) == 8 and set(answered) <= {64, 144, 256}
     assert min(answered) == 64 and max(answered) > 64
     assert "patched / direct prefill" in (out / "results.md").read_text()
+
+
+def test_bench_gemma4_quick(tmp_path):
+    """Each native budget below the encode budget against pooling to its own token count:
+    equal tokens and KV bytes, the pooled rows' tower on the larger image."""
+    out = tmp_path / "gemma4"
+    args = ["bench", "gemma4", "--quick", "--side", "192", "--threads", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["bench"] == "gemma4"
+    rows = payload["rows"]
+    assert [r["budget"] for r in rows] == [70, 140]
+    encode = payload["encode"]
+    for r in rows:
+        assert r["native_kv_bytes"] == r["pooled_kv_bytes"] > 0
+        assert r["native_patches"] < r["pooled_patches"] == encode["tower_patches"]
+        assert r["tokens"] < encode["tokens"] and positive(r["pooled_over_native_time"])
+    assert main(["bench", "gemma4", "--quick", "--encode-budget", "100"]) == 2

@@ -82,6 +82,7 @@ NOT_IMPORTED = {
     "deepspeed": "transformers.Trainer / accelerate load it for the recipes' --deepspeed",
     "ruff": "a command (make lint)",
     "mypy": "a command (make typecheck)",
+    "num2words": "SmolVLMProcessor imports it (transformers does not declare it)",
 }
 
 

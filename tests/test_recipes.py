@@ -152,13 +152,13 @@ def test_align_then_finetune_full_and_lora_then_evaluate(family, data, tmp_path)
     trained = type(fresh).from_pretrained(full / "model").state_dict()
     stock = fresh.state_dict()
     assert set(trained) == set(stock)
-    assert not all(torch.equal(trained[k], stock[k]) for k in trained if "language_model" in k)
-    slot = {
-        "llava": "multi_modal_projector",
-        "qwen_vl": "visual.merger",
-        "internvl": "multi_modal_projector",
-    }[family]
-    slot_keys = [k for k in stock if f".{slot}." in k]
+    llm = recipe.language_model(fresh)
+    llm_prefix = next(name for name, module in fresh.named_modules() if module is llm) + "."
+    llm_keys = [k for k in trained if k.startswith(llm_prefix)]
+    assert llm_keys and not all(torch.equal(trained[k], stock[k]) for k in llm_keys)
+    parent, attribute = flexproj.registry.adapter_for(fresh).projector_slot(fresh)
+    prefix = next(name for name, module in fresh.named_modules() if module is parent)
+    slot_keys = [k for k in stock if k.startswith(f"{prefix}.{attribute}.")]
     assert slot_keys and all(torch.equal(trained[k], stock[k]) for k in slot_keys)
 
     # all three evaluate at two budgets
@@ -502,7 +502,7 @@ def test_unknown_family(tmp_path, capsys):
 
     assert main("mamba", ["--help"]) == 2
     assert (
-        "unknown model family 'mamba'; choose one of internvl, llava, qwen_vl"
+        "unknown model family 'mamba'; choose one of gemma3, internvl, llava, qwen3_5, qwen_vl, smolvlm"
         in capsys.readouterr().err
     )
     assert cli(["train", "mamba", "--model", "x"]) == 2

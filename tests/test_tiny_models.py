@@ -14,7 +14,15 @@ import pytest
 import torch
 import transformers
 
-from flexproj.testing import FAMILIES, IMAGE_PLACEHOLDER, tiny_images, tiny_tokenizer, tiny_vlm
+from flexproj.registry import get_adapter
+from flexproj.testing import (
+    FAMILIES,
+    IMAGE_PLACEHOLDER,
+    tiny_images,
+    tiny_spec,
+    tiny_tokenizer,
+    tiny_vlm,
+)
 
 MODEL_CLASS = {
     "llava": transformers.LlavaForConditionalGeneration,
@@ -25,6 +33,9 @@ MODEL_CLASS = {
     "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
     "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
     "internvl": transformers.InternVLForConditionalGeneration,
+    "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
+    "gemma3": transformers.Gemma3ForConditionalGeneration,
+    "smolvlm": transformers.SmolVLMForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -35,6 +46,9 @@ PROCESSOR_CLASS = {
     "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
     "qwen3_vl": transformers.Qwen3VLProcessor,
     "internvl": transformers.InternVLProcessor,
+    "qwen3_5": transformers.Qwen3VLProcessor,  # what the auto table gives qwen3_5
+    "gemma3": transformers.Gemma3Processor,
+    "smolvlm": transformers.SmolVLMProcessor,
 }
 # (width, height) of the two images of the batch: different sizes and aspect ratios.
 SIZES = [(64, 64), (64, 96)]
@@ -46,9 +60,10 @@ PROMPTS = [
 
 def _inputs(family: str, processor, sizes=SIZES):
     placeholder = IMAGE_PLACEHOLDER[family]
+    adapter = get_adapter(tiny_spec(family).model_type)
     return processor(
         text=[p.format(placeholder) for p in PROMPTS[: len(sizes)]],
-        images=tiny_images(sizes),
+        images=adapter.processor_images([[im] for im in tiny_images(sizes)]),
         return_tensors="pt",
         padding=True,
         padding_side="left",
@@ -93,8 +108,11 @@ def test_real_classes_eval_fp32(built):
 def test_config_ids_match_tokenizer(built):
     family, model, processor = built
     tok, cfg = processor.tokenizer, model.config
-    assert cfg.image_token_id == processor.image_token_id
-    assert tok.convert_ids_to_tokens(cfg.image_token_id) == processor.image_token
+    # the token repeated per feature (Gemma 3: the soft token; its prompt marker is <boi>)
+    token = get_adapter(cfg.model_type).placeholder_token(processor)
+    assert tok.convert_ids_to_tokens(cfg.image_token_id) == token
+    if token == processor.image_token:
+        assert cfg.image_token_id == processor.image_token_id
     if family.startswith("qwen"):
         assert cfg.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
         assert cfg.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
@@ -114,7 +132,8 @@ def test_forward_generate_and_placeholder_count(built):
     placeholders = (ids == model.config.image_token_id).sum(dim=1).tolist()
     if isinstance(rows, list):
         assert placeholders == rows  # one image per prompt, in order
-        if family not in ("llava", "llava_siglip"):  # fixed-size families aside, sizes differ
+        # fixed-size families aside (SmolVLM: both sizes become 2x2 tiles + global), sizes differ
+        if family not in ("llava", "llava_siglip", "smolvlm"):
             assert rows[0] != rows[1]
     else:
         assert sum(placeholders) == rows
@@ -203,7 +222,7 @@ def test_overrides():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="llava_onevision"):
-        tiny_vlm("gemma3")
+        tiny_vlm("paligemma")
     with pytest.raises(ValueError, match="bogus"):
         tiny_vlm("llava", bogus=1)
 

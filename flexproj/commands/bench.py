@@ -1,4 +1,4 @@
-"""``flexproj bench {kernels,e2e,train,serve,budgets}``: performance benchmarks (see docs/BENCHMARKS.md)."""
+"""``flexproj bench {kernels,e2e,train,serve,budgets,gemma4}``: performance benchmarks (see docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "serve": "vLLM requests/s and time to first token per budget (needs the vLLM plug-in env)",
     "budgets": "per-image budgets in one batch vs grouped / one at a time, flexproj's prefill "
     "overhead, adaptive_generate vs the largest budget",
+    "gemma4": "Gemma 4's native image budgets vs pooling to the same token count: prefill "
+    "time and KV bytes",
 }
 
 

@@ -251,6 +251,9 @@ class TinySpec:
     fit: Callable[[Kwargs, Kwargs, Kwargs], None] | None = None
     #: sets derived fields on the built config: (config, top-level overrides)
     finish: Callable[[Any, Kwargs], None] | None = None
+    #: gives the built model weights a fresh init leaves degenerate (in place, seeded):
+    #: Gemma 3 starts its projector at zeros, so every image would read as zeros
+    init: Callable[[PreTrainedModel], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,6 +446,8 @@ def tiny_vlm(
 
     torch.manual_seed(seed)
     model = spec.model_cls(config)
+    if spec.init is not None:
+        spec.init(model)
     model.float().eval()
     for name, value in token_ids(tok).items():
         setattr(model.generation_config, name, value)
