@@ -59,3 +59,54 @@ def test_import_flexproj_and_its_serving_modules_do_not_import_vllm():
         "assert 'vllm' not in sys.modules, 'vllm imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _base_and_projector(tmp_path, family, **overrides):
+    model, processor = tiny_vlm(family, **overrides)
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    flexproj.patch(model, processor, tokens=4)
+    flexproj.save_pretrained(model, tmp_path / "proj")
+    return model, processor
+
+
+def test_export_prints_the_full_serve_command(tmp_path, capsys):
+    _base_and_projector(tmp_path, "llava")
+    out = tmp_path / "out"
+    assert main(["export", str(tmp_path / "base"), str(tmp_path / "proj"), str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    command = printed[1].split()
+    assert command[:3] == ["vllm", "serve", str(out)]
+    assert "--trust-request-mm-kwargs" in command
+    assert command[command.index("--dtype") + 1] == "float32"  # tiny_vlm saves float32
+    if not torch.cuda.is_available():
+        assert command[command.index("--gpu-memory-utilization") + 1] == "0.2"
+        assert "head_dim is 16" in printed[2]  # tiny_vlm's LLM: 4 heads of 16
+
+
+def test_export_refuses_a_default_budget_above_the_native_count(tmp_path):
+    _base_and_projector(tmp_path, "llava")  # 32 px / patch 4: an 8x8 grid, 64 tokens
+    args = ["export", str(tmp_path / "base"), str(tmp_path / "proj"), str(tmp_path / "out")]
+    assert main([*args, "--tokens", "64"]) == 0
+    with pytest.raises(flexproj.BudgetError, match="native 64"):
+        main([*args, "--tokens", "65", "--overwrite"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_export_gives_qwen_the_video_processor_and_still_loads(tmp_path, family):
+    _base_and_projector(tmp_path, family)
+    _, processor = tiny_vlm(family)  # unpatched, as the one loaded back
+    out = tmp_path / "out"
+    assert main(["export", str(tmp_path / "base"), str(tmp_path / "proj"), str(out)]) == 0
+    saved = json.loads((out / "processor_config.json").read_text())
+    image, video = saved["image_processor"], saved["video_processor"]
+    assert video["video_processor_type"] == "Qwen2VLVideoProcessor"
+    for key in ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std"):
+        assert video[key] == image[key], key
+    loaded = type(processor).from_pretrained(out)  # transformers reads the directory still
+    text = "<|vision_start|><|image_pad|><|vision_end|> what ?"
+    image_in = tiny_images([(64, 48)])
+    a = loaded(text=[text], images=image_in, return_tensors="pt")
+    b = processor(text=[text], images=image_in, return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
