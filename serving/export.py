@@ -9,9 +9,9 @@ changes to ``config.json``:
 * a ``flexproj`` block holds the checkpoint config (projector shape, default budget),
   which the vLLM processor and model read.
 
-and, for a Qwen base saved with an image-only processor, a ``video_processor`` entry in
-``processor_config.json`` (vLLM loads Qwen's processor with its video processor and
-refuses to start without one).
+and, for a Qwen or OneVision base saved with an image-only processor, a
+``video_processor`` entry in ``processor_config.json`` (vLLM loads those processors with
+their video processor and refuses to start without one).
 
 The base weights are copied unchanged (the stock projector included), so
 ``LlavaForConditionalGeneration.from_pretrained(OUT)`` loads without missing keys and
@@ -36,7 +36,7 @@ from flexproj.serving.families import FAMILIES
 __all__ = ["export", "serve_command"]
 
 PROCESSOR_CONFIG = "processor_config.json"
-#: image-processor fields the Qwen video processor shares (the rest keep its defaults)
+#: image-processor fields a video processor shares (the rest keep its defaults)
 _VIDEO_FIELDS = (
     "patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std",
     "do_convert_rgb", "do_normalize", "do_rescale", "rescale_factor", "resample",
@@ -90,16 +90,16 @@ def export(
     shutil.copytree(base_dir, out_dir, ignore=shutil.ignore_patterns(WEIGHTS_NAME, CONFIG_NAME))
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         shutil.copy2(Path(projector) / name, out_dir / name)
-    if family.needs_video_processor:
-        _add_video_processor(out_dir / PROCESSOR_CONFIG)
+    if family.video_processor is not None:
+        _add_video_processor(out_dir / PROCESSOR_CONFIG, family.video_processor)
     config["architectures"] = [family.architecture]
     config[CONFIG_KEY] = flex
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
-def _add_video_processor(path: Path) -> None:
-    """Give an image-only Qwen ``processor_config.json`` the video processor vLLM loads."""
+def _add_video_processor(path: Path, video_type: str) -> None:
+    """Give an image-only ``processor_config.json`` the video processor vLLM loads."""
     if not path.is_file() or (path.parent / "video_preprocessor_config.json").is_file():
         return
     processor: dict[str, Any] = json.loads(path.read_text())
@@ -107,7 +107,7 @@ def _add_video_processor(path: Path) -> None:
     if "video_processor" in processor or not isinstance(image, Mapping):
         return
     video = {k: image[k] for k in _VIDEO_FIELDS if k in image}
-    video["video_processor_type"] = "Qwen2VLVideoProcessor"
+    video["video_processor_type"] = video_type
     processor["video_processor"] = video
     path.write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
 

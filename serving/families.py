@@ -4,7 +4,7 @@ One row per model type: the flexproj architecture name ``flexproj export`` write
 ``config.json``, the vLLM class that serves it (``"module:Class"``, imported by vLLM only
 when it builds the model), and what ``flexproj export`` needs to know without vLLM:
 the native vision-token count of one budget unit (``None`` where the budget is capped
-per image instead, as Qwen's is) and whether vLLM loads a video processor with it.
+per image instead, as Qwen's is) and the video processor vLLM loads with it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ class ServedFamily:
     target: str  # "module:Class"
     #: native tokens per budget unit from ``config.json``, or None (capped per image)
     native_tokens: Callable[[Mapping[str, Any]], int] | None
-    #: vLLM's processor for this class loads a video processor (Qwen): export saves one
-    needs_video_processor: bool = False
+    #: the video processor class vLLM's processor for this family loads (exported with an
+    #: image-only base processor, ``flexproj export`` adds one), or None
+    video_processor: str | None = None
 
 
 def tower_grid_tokens(config: Mapping[str, Any]) -> int:
@@ -40,16 +41,27 @@ FAMILIES: dict[str, ServedFamily] = {
         _serving("vllm_llava", "FlexLlavaForConditionalGeneration"),
         tower_grid_tokens,
     ),
+    "llava_next": ServedFamily(
+        "FlexprojLlavaNextForConditionalGeneration",
+        _serving("vllm_llava", "FlexLlavaNextForConditionalGeneration"),
+        tower_grid_tokens,
+    ),
+    "llava_onevision": ServedFamily(
+        "FlexprojLlavaOnevisionForConditionalGeneration",
+        _serving("vllm_llava", "FlexLlavaOnevisionForConditionalGeneration"),
+        tower_grid_tokens,
+        video_processor="LlavaOnevisionVideoProcessor",
+    ),
     "qwen2_vl": ServedFamily(
         "FlexprojQwen2VLForConditionalGeneration",
         _serving("vllm_qwen", "FlexQwen2VLForConditionalGeneration"),
         None,
-        needs_video_processor=True,
+        video_processor="Qwen2VLVideoProcessor",
     ),
     "qwen2_5_vl": ServedFamily(
         "FlexprojQwen2_5_VLForConditionalGeneration",
         _serving("vllm_qwen", "FlexQwen2_5_VLForConditionalGeneration"),
         None,
-        needs_video_processor=True,
+        video_processor="Qwen2VLVideoProcessor",
     ),
 }

@@ -110,3 +110,21 @@ def test_export_gives_qwen_the_video_processor_and_still_loads(tmp_path, family)
     b = processor(text=[text], images=image_in, return_tensors="pt")
     assert torch.equal(a["input_ids"], b["input_ids"])
     assert torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_export_of_onevision_keeps_the_processor_settings_and_adds_a_video_processor(tmp_path):
+    """Regression: the tiny OneVision processor saved without num_image_tokens &c., so the
+    reloaded processor (vLLM's included) failed on the first image."""
+    _base_and_projector(tmp_path, "llava_onevision")
+    _, processor = tiny_vlm("llava_onevision")  # unpatched, as the one loaded back
+    out = tmp_path / "out"
+    assert main(["export", str(tmp_path / "base"), str(tmp_path / "proj"), str(out)]) == 0
+    saved = json.loads((out / "processor_config.json").read_text())
+    assert saved["video_processor"]["video_processor_type"] == "LlavaOnevisionVideoProcessor"
+    loaded = type(processor).from_pretrained(out)
+    for key in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio"):
+        assert getattr(loaded, key) == getattr(processor, key), key
+    image = tiny_images([(128, 64)])
+    a = loaded(text=["<image> what ?"], images=image, return_tensors="pt")
+    b = processor(text=["<image> what ?"], images=image, return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"])

@@ -17,6 +17,9 @@ TEXT = {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32}
 #: family -> (tiny_vlm family, overrides, default budget saved in the checkpoint)
 FAMILIES: dict[str, tuple[str, dict[str, Any], int]] = {
     "llava": ("llava", {"text_config": TEXT}, 16),
+    "llava_siglip": ("llava_siglip", {"text_config": TEXT}, 16),
+    "llava_next": ("llava_next", {"text_config": TEXT}, 16),
+    "llava_onevision": ("llava_onevision", {"text_config": TEXT}, 16),
     "qwen2_vl": ("qwen2_vl", {"text_config": TEXT}, 16),
     "qwen2_5_vl": ("qwen2_5_vl", {"text_config": TEXT}, 16),
 }
