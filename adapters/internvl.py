@@ -185,6 +185,7 @@ class InternVLAdapter(FamilyAdapter):
     model_classes: ClassVar[tuple[type, ...]] = (InternVLForConditionalGeneration, InternVLModel)
     processor_classes: ClassVar[tuple[type, ...]] = (InternVLProcessor,)
     unit = "tile"
+    expands_mixed_budgets = False  # mixed budgets: one (1, sum n_i, D) row (TileGridProjector)
     recipe = "internvl"
     tiny = "flexproj.adapters.internvl_tiny"
 

@@ -91,6 +91,7 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
+from flexproj.carried import BUDGETS_KEY, budget_scope
 from flexproj.family import FamilyAdapter, check_count, int_budget, note_image
 from flexproj.patcher import Patcher, stock_method
 from flexproj.pooling import Grid, pool_packed, target_grid
@@ -350,9 +351,15 @@ def _get_rope_index(self: Any, *args: Any, **kwargs: Any) -> Any:
     checked here too (the one check of :mod:`flexproj.family`).
     """
     stock = stock_method(self, "get_rope_index")
+    value = kwargs.pop(BUDGETS_KEY, None)  # generate hands it its model kwargs
     state = state_of(self)
     if state is None or not state.enabled:
         return stock(*args, **kwargs)
+    with budget_scope(state, value):
+        return _pooled_rope_index(self, state, stock, args, kwargs)
+
+
+def _pooled_rope_index(self: Any, state: PatchState, stock: Any, args: tuple, kwargs: dict) -> Any:
     bound = inspect.signature(stock).bind(*args, **kwargs)
     input_ids = bound.arguments.get("input_ids")
     merge = int(self.config.vision_config.spatial_merge_size)

@@ -11,7 +11,7 @@ placeholders in step, and pick the number of vision tokens per call::
 from flexproj._version import __version__
 from flexproj.adaptive import AdaptiveOutput, adaptive_generate
 from flexproj.budget import current_tokens, tokens
-from flexproj.checkpoint import from_pretrained, save_pretrained
+from flexproj.checkpoint import save_pretrained
 from flexproj.errors import (
     BudgetError,
     CheckpointError,
@@ -21,6 +21,7 @@ from flexproj.errors import (
     UnsupportedModelError,
 )
 from flexproj.kernels import BackendUnavailable, available_backends
+from flexproj.loading import from_pretrained
 from flexproj.patching import (
     PatchInfo,
     disabled,

@@ -16,7 +16,7 @@ guessed word.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,8 @@ import torch
 from flexproj._types import Model
 from flexproj.budget import budget_value, tokens
 from flexproj.encoder_cache import vision_cache
-from flexproj.errors import BudgetError
+from flexproj.errors import BudgetError, PatchError
+from flexproj.state import state_of
 
 __all__ = ["AdaptiveOutput", "adaptive_generate", "answer_confidence"]
 
@@ -42,7 +43,9 @@ class AdaptiveOutput:
     confidences: list[float]
     #: every rung each sample went through: [(budget, confidence), ...]
     history: list[list[tuple[int, float]]] = field(default_factory=list)
-    #: images the vision tower encoded / answered from its cache over the whole ladder
+    #: cache entries the vision tower computed / answered from its cache over the whole
+    #: ladder: a crop (LLaVA-NeXT, OneVision), a tile (InternVL) or a whole image (LLaVA-1.5,
+    #: Qwen), as the tower sees them
     images_encoded: int = 0
     images_reused: int = 0
 
@@ -81,6 +84,25 @@ def _stop_ids(model: Model, processor: Any) -> list[int]:
     return [*ids, *([pad] if pad is not None else [])]
 
 
+def _ladder(model: Model, budgets: Any) -> list[int]:
+    """The rungs as ints, each checked against the model before anything runs."""
+    if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Iterable):
+        raise BudgetError(
+            f"budgets must be a sequence of positive ints, smallest first, got {budgets!r}"
+        )
+    ladder = [budget_value(b) for b in budgets]
+    if not ladder or ladder != sorted(set(ladder)):
+        raise BudgetError(f"budgets must be distinct and increasing, got {list(budgets)}")
+    state = state_of(model)
+    if state is None:
+        raise PatchError(
+            "adaptive_generate needs a model patched by flexproj.patch(model, processor)"
+        )
+    for rung in ladder:  # a rung above the native count fails now, not when a sample climbs
+        state.adapter.check_budget(rung, state.native_tokens)
+    return ladder
+
+
 def adaptive_generate(
     model: Model,
     processor: Any,
@@ -103,10 +125,13 @@ def adaptive_generate(
             default.
     """
     texts = [text] if isinstance(text, str) else list(text)
-    ladder = [budget_value(b) for b in budgets]
-    if not ladder or ladder != sorted(set(ladder)):
-        raise BudgetError(f"budgets must be distinct and increasing, got {list(budgets)}")
-    if not 0.0 <= float(threshold) <= 1.0:
+    ladder = _ladder(model, budgets)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise BudgetError(
+            f"threshold is a probability in [0, 1] (a float), got {threshold!r} "
+            f"({type(threshold).__name__})"
+        )
+    if not 0.0 <= float(threshold) <= 1.0:  # (NaN fails this too)
         raise BudgetError(f"threshold is a probability in [0, 1], got {threshold!r}")
     if images and isinstance(images[0], (list, tuple)):
         per_sample = [list(group) for group in images]

@@ -3,8 +3,8 @@
 A :class:`contextvars.ContextVar` holds it, so each thread and each asyncio task sees
 its own value, and nested blocks restore the outer one on exit. Patched models and
 processors read it through :func:`current_tokens`; outside any block a patched model
-takes the budget its inputs were built with (see ``FamilyAdapter.infer_budget``), and
-a patched processor the default given to :func:`flexproj.patch`.
+takes the budget its inputs carry (:mod:`flexproj.carried`), and a patched processor
+the default given to :func:`flexproj.patch`.
 
 ``tokens(n)`` is also a decorator, for plain functions, coroutine functions and
 generator functions alike: a generator gets the budget around each of its steps, so
@@ -14,11 +14,12 @@ streaming responses) keeps it.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -147,6 +148,16 @@ class tokens:
                 return func(*args, **kwargs)
 
         return run  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def no_block() -> Iterator[None]:
+    """No ``tokens()`` block in force inside (the model reads what its inputs carry)."""
+    reset = _BUDGET.set(None)
+    try:
+        yield
+    finally:
+        _BUDGET.reset(reset)
 
 
 def current_tokens(default: Budget | None = None) -> Budget | None:

@@ -1,6 +1,7 @@
 """Run the vision tower once per image, however many budgets it is pooled to.
 
-Inside ``with vision_cache(model):`` the model's vision tower keeps its outputs per image
+Inside ``with vision_cache(model):``, in this thread or task only, the model's vision
+tower keeps its outputs per image
 (LLaVA-family and InternVL towers: one row of ``pixel_values`` per image, crop or tile;
 Qwen-VL: the ``t*H*W`` patch rows of each image, from ``grid_thw``), keyed by the pixel
 content. A later call whose images were all seen is answered from the cache, rows
@@ -8,11 +9,18 @@ re-assembled in the new order; a call with any unseen image runs the tower on th
 call and stores it. Pooling and projection run after the tower, so each budget still
 gets its own features: this is what lets :func:`flexproj.adaptive_generate` re-answer at
 a larger budget without encoding the images again.
+
+The cache is context-local: :func:`flexproj.patch` overrides the tower's ``forward`` once
+(undone by ``unpatch``), and that override consults the caches the current context opened
+(a :class:`contextvars.ContextVar`); outside any block, in another thread, or while
+torch.compile traces, it is the stock forward. So blocks on one model from several
+threads never touch each other's caches, and leave nothing behind on the tower.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,12 +30,16 @@ import torch
 from torch import nn
 
 from flexproj._types import Model
-from flexproj.patcher import Patcher, stock_method
-from flexproj.registry import adapter_for
+from flexproj.errors import PatchError
+from flexproj.patcher import stock_method
+from flexproj.state import state_of
 
-__all__ = ["EncoderCache", "vision_cache"]
+__all__ = ["EncoderCache", "cached_tower_forward", "vision_cache"]
 
-_CACHE_ATTR = "flexproj_encoder_cache"
+#: id(tower) -> the cache of the innermost vision_cache block open on it in this context
+_OPEN: contextvars.ContextVar[dict[int, EncoderCache] | None] = contextvars.ContextVar(
+    "flexproj_encoder_caches", default=None
+)
 
 
 @dataclass
@@ -82,11 +94,14 @@ def _key(pixels: torch.Tensor, extra: str) -> bytes:
     return digest.digest()
 
 
-def _cached_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    cache: EncoderCache = getattr(self, _CACHE_ATTR)
+def cached_tower_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The tower's ``forward`` while patched: answered from this context's open cache."""
     stock = stock_method(self, "forward")
+    if torch.compiler.is_compiling():  # first: a compiled graph reads no ContextVar
+        return stock(*args, **kwargs)
+    cache = (_OPEN.get() or {}).get(id(self))
     pixel_values = args[0] if args else kwargs.get("pixel_values")
-    if not isinstance(pixel_values, torch.Tensor):
+    if cache is None or not isinstance(pixel_values, torch.Tensor):
         return stock(*args, **kwargs)
     sizes = _chunks(pixel_values, kwargs)
     extra = repr(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))
@@ -127,13 +142,15 @@ def _cached_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 @contextlib.contextmanager
 def vision_cache(model: Model) -> Iterator[EncoderCache]:
-    """Cache ``model``'s vision tower per image inside the block (see the module docstring)."""
-    tower = adapter_for(model).vision_tower(model)
-    patcher = Patcher()
+    """Cache patched ``model``'s vision tower per image inside the block, in this context
+    only (see the module docstring)."""
+    state = state_of(model)
+    if state is None:
+        raise PatchError("vision_cache needs a model patched by flexproj.patch(model)")
+    tower = state.adapter.vision_tower(model)
     cache = EncoderCache()
-    patcher.set(tower, _CACHE_ATTR, cache)
-    patcher.override_method(tower, "forward", _cached_forward)
+    reset = _OPEN.set({**(_OPEN.get() or {}), id(tower): cache})
     try:
         yield cache
     finally:
-        patcher.undo()
+        _OPEN.reset(reset)

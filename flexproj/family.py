@@ -24,14 +24,9 @@ registers an instance with :func:`flexproj.registry.register_adapter`. It provid
 from __future__ import annotations
 
 import abc
-import collections
-import contextlib
 import contextvars
 import dataclasses
-import hashlib
 import inspect
-import threading
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,13 +34,15 @@ import torch
 from torch import nn
 
 from flexproj._types import Model
-from flexproj.budget import Budget, budget_value, current_tokens, tokens
+from flexproj.budget import budget_value, no_block
+from flexproj.carried import BUDGETS_KEY, budget_scope, deal, decode, traced_check
+from flexproj.encoder_cache import cached_tower_forward
 from flexproj.errors import BudgetError, TokenCountMismatch, UnsupportedModelError
 from flexproj.patcher import Patcher, stock_method
 from flexproj.projector import FlexProjector
-from flexproj.state import STATE_ATTR, PatchState, call_units, disabled_state, state_of
+from flexproj.state import STATE_ATTR, PatchState, disabled_state, state_of
 
-__all__ = ["MODALITIES", "FamilyAdapter", "InputsLedger", "check_count", "model_device_dtype"]
+__all__ = ["MODALITIES", "FamilyAdapter", "check_count", "model_device_dtype"]
 
 #: (modality, features argument of get_placeholder_mask, config attribute of its token id)
 MODALITIES = (
@@ -59,6 +56,7 @@ def check_count(state: PatchState, kind: str, placeholders: int, produced: int) 
     if placeholders == produced:
         return
     raise TokenCountMismatch(
+        f"{kind.capitalize()} features and {kind} tokens do not match: "
         f"the inputs carry {placeholders} {kind} placeholder tokens but the patched model "
         f"produces {produced} {kind} features (budget: {state.budget()} vision tokens per "
         f"{state.adapter.unit}). Build the inputs with a processor patched by "
@@ -87,7 +85,7 @@ def guarded_placeholder_mask(self: Model, *args: Any, **kwargs: Any) -> Any:
     """
     stock = stock_method(self, "get_placeholder_mask")
     state = state_of(self)
-    if state is not None and state.enabled and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and state is not None and state.enabled:
         bound = inspect.signature(stock).bind(*args, **kwargs)
         input_ids = bound.arguments.get("input_ids")
         embeds = bound.arguments.get("inputs_embeds")
@@ -101,11 +99,6 @@ def guarded_placeholder_mask(self: Model, *args: Any, **kwargs: Any) -> Any:
             check_count(state, kind, placeholders, features.numel() // embeds.shape[-1])
     return stock(*args, **kwargs)
 
-
-#: what a ledger holds for one sample (one row of input_ids): its images' budgets (an int
-#: for all of them), and the units (crops, tiles) of each of its images, or None where the
-#: family did not say
-Built = tuple[Budget, tuple[int, ...] | None]
 
 #: (units, placeholder tokens) per image, noted by the processor call in progress
 _NOTED: contextvars.ContextVar[list[tuple[int | None, int | None]] | None] = contextvars.ContextVar(
@@ -143,181 +136,25 @@ def note_image(image_idx: int, *, units: int | None = None, tokens: int | None =
     _NOTED.set(noted)
 
 
-def _rows(input_ids: Any, attention_mask: Any) -> list[np.ndarray]:
-    """Each sample's token ids without padding (``attention_mask`` 0)."""
-    ids = np.asarray(input_ids.detach().cpu() if isinstance(input_ids, torch.Tensor) else input_ids)
-    ids = ids.reshape(-1, ids.shape[-1]) if ids.ndim else ids.reshape(1, 1)
-    if attention_mask is None:
-        return [row.astype(np.int64) for row in ids]
-    mask = np.asarray(
-        attention_mask.detach().cpu()
-        if isinstance(attention_mask, torch.Tensor)
-        else attention_mask
-    ).reshape(ids.shape)
-    return [row[m.astype(bool)].astype(np.int64) for row, m in zip(ids, mask, strict=True)]
-
-
-class InputsLedger:
-    """Which budget built which inputs, per sample: the sample's ``input_ids`` (padding
-    stripped) -> (its images' budgets, their units), the latest 4096 samples.
-
-    The processors patched for a model record every sample they build. The model, called
-    with no ``flexproj.tokens`` block in force (a worker thread, a later step of a
-    streaming generator, an executor), runs under the budgets its inputs were built with;
-    per-image budgets are mapped onto crops and tiles with the recorded units. Samples are
-    keyed one by one, so a batch collated from separately processed samples, a sub-batch
-    or a re-padded batch is recognised too. One ledger per patched model, so what one
-    model does never depends on another's history; a deep copy starts with a copy of it.
-    """
-
-    capacity = 4096
-
-    def __init__(self) -> None:
-        self._budgets: collections.OrderedDict[bytes, Built] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(row: np.ndarray, vision_ids: Sequence[int]) -> bytes | None:
-        """The sample's ids up to its last image / video placeholder (what follows, e.g. an
-        answer a training batch appends, does not change its images), or None without any."""
-        hits = np.flatnonzero(np.isin(row, list(vision_ids)))
-        if not hits.size:
-            return None
-        return hashlib.blake2b(row[: hits[-1] + 1].tobytes(), digest_size=16).digest()
-
-    def record(
-        self,
-        input_ids: Any,
-        attention_mask: Any,
-        budget: Budget,
-        images: Sequence[tuple[int | None, int | None]] | None,
-        vision_ids: Sequence[int],
-    ) -> None:
-        """Record a processor call's samples; ``images``: (units, tokens) per image;
-        ``vision_ids``: the image placeholder id first, then the video one, if any."""
-        if not vision_ids:
-            return
-        rows = _rows(input_ids, attention_mask)
-        entries: list[Built] = [(budget, None)] * len(rows)
-        if images is not None:
-            entries = self._per_row(rows, budget, images, vision_ids[0]) or entries
-        with self._lock:
-            for row, entry in zip(rows, entries, strict=True):
-                key = self.key(row, vision_ids)
-                if key is None:
-                    continue
-                self._budgets[key] = entry
-                self._budgets.move_to_end(key)
-            while len(self._budgets) > self.capacity:
-                self._budgets.popitem(last=False)
-
-    @staticmethod
-    def _per_row(
-        rows: list[np.ndarray],
-        budget: Budget,
-        images: Sequence[tuple[int | None, int | None]],
-        image_token_id: int,
-    ) -> list[Built] | None:
-        """Images dealt to samples in order, by each sample's placeholder count."""
-        budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
-        if len(budgets) != len(images) or any(t is None for _, t in images):
-            return None
-        out: list[Built] = []
-        start = 0
-        for row in rows:
-            want, stop = int((row == image_token_id).sum()), start
-            got = 0
-            while got < want and stop < len(images):
-                got += int(images[stop][1] or 0)
-                stop += 1
-            if got != want:
-                return None
-            mine = budgets[start:stop]
-            units = [u for u, _ in images[start:stop]]
-            row_budget: Budget = budget if isinstance(budget, int) else tuple(mine)
-            out.append((row_budget, None if None in units else tuple(int(u or 0) for u in units)))
-            start = stop
-        return out if start == len(images) else None
-
-    def lookup(
-        self, input_ids: Any, attention_mask: Any, vision_ids: Sequence[int]
-    ) -> Built | None:
-        """(budget, units per image) of a batch whose every sample with images or videos
-        was recorded."""
-        keys = [
-            k
-            for k in (self.key(row, vision_ids) for row in _rows(input_ids, attention_mask))
-            if k is not None
-        ]
-        with self._lock:
-            found = [self._budgets.get(k) for k in keys]
-        if not found or any(entry is None for entry in found):
-            return None
-        entries = [e for e in found if e is not None]
-        ints = {e[0] for e in entries if isinstance(e[0], int)}
-        if len(ints) == 1 and all(isinstance(e[0], int) for e in entries):
-            budget: Budget = ints.pop()  # one budget for every image
-        else:
-            per_image: list[int] = []
-            for row_budget, units in entries:
-                if isinstance(row_budget, int):
-                    if units is None:
-                        return None  # an int row mixed with lists: its image count is unknown
-                    per_image += [row_budget] * len(units)
-                else:
-                    per_image += list(row_budget)
-            budget = tuple(per_image)
-        unit_lists = [e[1] for e in entries]
-        units = (
-            None
-            if any(u is None for u in unit_lists)
-            else tuple(
-                u
-                for lst in unit_lists
-                for u in lst  # type: ignore[union-attr]
-            )
-        )
-        return budget, units
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> InputsLedger:
-        new = InputsLedger()
-        with self._lock:
-            new._budgets = collections.OrderedDict(self._budgets)
-        return new
-
-
-def _vision_token_ids(source: Any) -> list[int]:
-    """The image placeholder id, then the video one (a processor or a model config)."""
-    ids = [getattr(source, name, None) for name in ("image_token_id", "video_token_id")]
-    return [i for i in ids if isinstance(i, int)]
-
-
-#: keyword arguments that carry images or videos into forward / generate
-_VISION_INPUTS = ("pixel_values", "pixel_values_videos")
-
-
 def run_with_input_budget(self: Model, name: str, args: tuple, kwargs: dict) -> Any:
-    """Call stock ``name`` with what the patched processor recorded for these inputs: their
-    units per image, and their budget when no ``flexproj.tokens`` block is in force."""
+    """Call stock ``name`` (``forward``, ``get_rope_index``) under the budget the inputs
+    carry (:mod:`flexproj.carried`), else the ``flexproj.tokens`` block or default in force.
+
+    While torch.compile traces, nothing but tensors and plain attributes is read (Dynamo
+    cannot trace a ContextVar): the model runs at its default budget, and inputs carrying
+    another one fail a traced runtime check instead of running at the wrong budget.
+    """
     stock = stock_method(self, name)
+    value = kwargs.pop(BUDGETS_KEY, None)
+    if torch.compiler.is_compiling():  # first: nothing below may touch a ContextVar
+        state = state_of(self)
+        if isinstance(value, torch.Tensor) and state is not None:
+            traced_check(value, state.default_budget)
+        return stock(*args, **kwargs)
     state = state_of(self)
-    if state is None or not state.enabled or torch.compiler.is_compiling():
-        return stock(*args, **kwargs)  # (a traced call reads no ledger: hashing ids breaks graphs)
-    if not any(kwargs.get(key) is not None for key in _VISION_INPUTS):
+    if state is None or not state.enabled:
         return stock(*args, **kwargs)
-    input_ids = kwargs.get("input_ids")
-    if input_ids is None and args and isinstance(args[0], torch.Tensor):
-        input_ids = args[0]
-    mask = kwargs.get("attention_mask")
-    vision_ids = _vision_token_ids(self.config)
-    built = None if input_ids is None else state.built_inputs.lookup(input_ids, mask, vision_ids)
-    if built is None:
-        return stock(*args, **kwargs)
-    budget, units = built
-    with contextlib.ExitStack() as scope:
-        if current_tokens() is None:  # an explicit block wins (and mismatches raise)
-            scope.enter_context(tokens(budget))
-        scope.enter_context(call_units(units))
+    with budget_scope(state, value):
         return stock(*args, **kwargs)
 
 
@@ -326,23 +163,62 @@ def _forward_with_input_budget(self: Model, *args: Any, **kwargs: Any) -> Any:
 
 
 def _generate_with_input_budget(self: Model, *args: Any, **kwargs: Any) -> Any:
-    return run_with_input_budget(self, "generate", args, kwargs)
+    """``generate`` keeps :data:`~flexproj.carried.BUDGETS_KEY` in its model kwargs, so it
+    is expanded with the samples (``num_return_sequences``, beams) and every forward step
+    reads it; an explicit block is checked against it once, here, before the expansion."""
+    stock = stock_method(self, "generate")
+    state = state_of(self)
+    value = kwargs.get(BUDGETS_KEY)
+    if torch.compiler.is_compiling() or state is None or not state.enabled:
+        return stock(*args, **kwargs)
+    carried = decode(value)
+    if carried is None:
+        return stock(*args, **kwargs)
+    if not isinstance(carried.budget, int) and not state.adapter.expands_mixed_budgets:
+        config = kwargs.get("generation_config") or self.generation_config
+        copies = [
+            kwargs.get(k, getattr(config, k, 1)) or 1 for k in ("num_beams", "num_return_sequences")
+        ]
+        if max(copies) > 1:
+            raise BudgetError(
+                f"per-image budgets {list(carried.per_image)} that differ: {type(self).__name__}'s "
+                "image features are one row for the whole batch then, which generate cannot "
+                "copy per sample for num_beams / num_return_sequences > 1. Generate each sample "
+                "alone, or with one budget for every image."
+            )
+    # the block is checked here, before the expansion; then the carried budgets rule: the
+    # images encoded before the first step (transformers 5.23+) at the unexpanded ones, each
+    # forward step at what its (expanded) inputs carry
+    with budget_scope(state, value), no_block():
+        return stock(*args, **kwargs)
 
 
-def _record_built_inputs(self: Any, text: Any, text_inputs: Any, *args: Any, **kwargs: Any) -> Any:
-    """Processor hook after tokenisation: note which budget built these ``input_ids``."""
+def _accept_budgets_key(method: Any) -> None:
+    """Give the ``forward`` override the stock signature plus a keyword-only
+    :data:`~flexproj.carried.BUDGETS_KEY`: ``generate`` checks its model kwargs against it."""
+    stock = inspect.signature(method)
+    params = list(stock.parameters.values())
+    extra = inspect.Parameter(BUDGETS_KEY, inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    first = inspect.signature(method.__func__).parameters  # with ``self``
+    self_param = [next(iter(first.values()))]
+    method.__func__.__signature__ = stock.replace(
+        parameters=[*self_param, *params[:at], extra, *params[at:]]
+    )
+
+
+def _attach_budgets(self: Any, text: Any, text_inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """Processor hook after tokenisation: the inputs carry the budgets that built them."""
     result = stock_method(self, "_check_special_mm_tokens")(text, text_inputs, *args, **kwargs)
     state = state_of(self)
     noted = _NOTED.get()
     _NOTED.set(None)
     if state is not None and state.enabled:
-        state.built_inputs.record(
-            text_inputs["input_ids"],
-            text_inputs.get("attention_mask"),
-            state.budget(),
-            noted,
-            _vision_token_ids(self),
+        rows = deal(
+            text_inputs["input_ids"], state.budget(), noted, getattr(self, "image_token_id", None)
         )
+        if rows is not None:
+            text_inputs[BUDGETS_KEY] = rows
     return result
 
 
@@ -390,6 +266,9 @@ class FamilyAdapter(abc.ABC):
     recipe: ClassVar[str | None] = None
     #: the module declaring this family's tiny variants (``TINY``) and bench shape (``BENCH``)
     tiny: ClassVar[str | None] = None
+    #: whether generate can copy per-sample image features under per-image budgets that
+    #: differ (num_beams, num_return_sequences); False refuses those calls clearly
+    expands_mixed_budgets: ClassVar[bool] = True
 
     # --- model side -------------------------------------------------------
     @abc.abstractmethod
@@ -464,16 +343,14 @@ class FamilyAdapter(abc.ABC):
             patcher.set(obj, STATE_ATTR, state)
         patcher.override_method(base, "get_placeholder_mask", guarded_placeholder_mask)
         patcher.override_method(model, "forward", _forward_with_input_budget)
+        _accept_budgets_key(model.forward)
+        patcher.override_method(self.vision_tower(model), "forward", cached_tower_forward)
         if hasattr(model, "generate"):
             patcher.override_method(model, "generate", _generate_with_input_budget)
-        if hasattr(model, "save_pretrained"):
-            from flexproj.checkpoint import save_patched_model  # (checkpoint imports patching)
-
-            patcher.override_method(model, "save_pretrained", save_patched_model)
 
     def install_processor_common(self, processor: Any, state: PatchState, patcher: Patcher) -> None:
         patcher.set(processor, STATE_ATTR, state)
-        patcher.override_method(processor, "_check_special_mm_tokens", _record_built_inputs)
+        patcher.override_method(processor, "_check_special_mm_tokens", _attach_budgets)
         if hasattr(processor, "_get_num_multimodal_tokens"):
             patcher.override_method(processor, "_get_num_multimodal_tokens", _num_multimodal_tokens)
 

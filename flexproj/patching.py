@@ -20,8 +20,9 @@ from typing import Any
 from torch import nn
 
 from flexproj._types import Model
+from flexproj.checkpoint import save_patched_model
 from flexproj.errors import PatchError
-from flexproj.family import InputsLedger, model_device_dtype
+from flexproj.family import model_device_dtype
 from flexproj.patcher import Patcher
 from flexproj.registry import adapter_for
 from flexproj.state import PatchState, disabled_state, state_of
@@ -166,10 +167,11 @@ def patch(
         default_budget=default,
         native_tokens=native,
         mode=mode,
-        built_inputs=InputsLedger(),
     )
     try:
         adapter.install_common(model, state)
+        if hasattr(model, "save_pretrained"):
+            state.model_patcher.override_method(model, "save_pretrained", save_patched_model)
         adapter.install(model, state)
         if processor is not None:
             patch_processor(model, processor)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from flexproj.budget import Budget, current_tokens
@@ -28,11 +29,11 @@ if TYPE_CHECKING:
 
 STATE_ATTR = "flexproj_state"
 
-#: units (crops, tiles, temporal patches) per image of the inputs the model is running,
-#: from the processor that built them: maps a per-image budget list onto the rows the
-#: projector sees
-_CALL_UNITS: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
-    "flexproj_call_units", default=None
+#: (budget, units per image) the inputs being run carry (flexproj.carried), set around a
+#: model call: it wins over a flexproj.tokens block (which is checked against it first);
+#: the units (crops, tiles) map a per-image budget list onto the rows the projector sees
+_CALL: contextvars.ContextVar[tuple[Budget, tuple[int, ...] | None] | None] = (
+    contextvars.ContextVar("flexproj_call_budget", default=None)
 )
 
 #: ids of the states whose stock path is switched on in this context (flexproj.disabled)
@@ -40,7 +41,7 @@ _DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
     "flexproj_disabled", default=frozenset()
 )
 
-__all__ = ["STATE_ATTR", "PatchState", "call_units", "disabled_state", "state_of"]
+__all__ = ["STATE_ATTR", "PatchState", "call_budget", "disabled_state", "state_of"]
 
 
 @dataclass(eq=False)
@@ -58,15 +59,20 @@ class PatchState:
     model_patcher: Patcher = field(default_factory=Patcher)
     processor_patchers: list[tuple[Any, Patcher]] = field(default_factory=list)
     schedule: dict[str, Any] | None = None
-    #: which budget built which inputs (``flexproj.family.InputsLedger``)
-    built_inputs: Any = None
     #: facts about the patched model that ``install`` records for ``patch_processor``,
     #: which does not see the model (e.g. InternVL's ViT patch size)
     model_facts: dict[str, Any] = field(default_factory=dict)
 
     def budget(self) -> Budget:
-        """The budget in force: the innermost ``flexproj.tokens`` block, else the default
-        (an int for every image, or one int per image)."""
+        """The budget in force: what the running inputs carry, else the innermost
+        ``flexproj.tokens`` block, else the default
+        (an int for every image, or one int per image). While torch.compile traces: the
+        default (Dynamo cannot read a ContextVar; see :mod:`flexproj.carried`)."""
+        if torch.compiler.is_compiling():
+            return self.default_budget
+        call = _CALL.get()
+        if call is not None:
+            return call[0]
         n = current_tokens(self.default_budget)
         assert n is not None
         return n
@@ -89,14 +95,15 @@ class PatchState:
         spec = self.budget()
         if isinstance(spec, int):
             return [spec] * n_units
-        units = _CALL_UNITS.get()
+        call = _CALL.get()
+        units = None if call is None else call[1]
         if units is None:
             if units_are_images:
                 return self.image_budgets(n_units)
             raise BudgetError(
                 f"per-image budgets {list(spec)}: which crops or tiles belong to which image is "
-                "recorded by the patched processor; build the inputs with it (this batch was "
-                "not built by a processor patched for this model)"
+                "carried by the inputs a patched processor builds (flexproj_budgets); build the "
+                "inputs with the processor patched for this model"
             )
         rows = [
             b for b, u in zip(self.image_budgets(len(units)), units, strict=True) for _ in range(u)
@@ -110,7 +117,10 @@ class PatchState:
 
     @property
     def enabled(self) -> bool:
-        """False inside ``flexproj.disabled(model)`` in this context: run the stock path."""
+        """False inside ``flexproj.disabled(model)`` in this context: run the stock path.
+        A compiled graph always runs the patched path (Dynamo cannot read a ContextVar)."""
+        if torch.compiler.is_compiling():
+            return True
         return id(self) not in _DISABLED.get()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PatchState:
@@ -142,13 +152,14 @@ def state_of(obj: Any) -> PatchState | None:
 
 
 @contextlib.contextmanager
-def call_units(units: tuple[int, ...] | None) -> Iterator[None]:
-    """Units per image of the inputs being run (see :meth:`PatchState.unit_budgets`)."""
-    token = _CALL_UNITS.set(units)
+def call_budget(budget: Budget, units: tuple[int, ...] | None) -> Iterator[None]:
+    """The budget and units per image the inputs being run carry (see
+    :meth:`PatchState.budget` and :meth:`PatchState.unit_budgets`)."""
+    token = _CALL.set((budget, units))
     try:
         yield
     finally:
-        _CALL_UNITS.reset(token)
+        _CALL.reset(token)
 
 
 @contextlib.contextmanager

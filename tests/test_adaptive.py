@@ -101,6 +101,106 @@ def test_bad_ladders_and_image_counts_are_budget_errors():
         with pytest.raises(flexproj.BudgetError, match="increasing"):
             flexproj.adaptive_generate(model, processor, text=texts, images=images, budgets=ladder)
     with pytest.raises(flexproj.BudgetError, match="4 image placeholders but 3 images"):
-        flexproj.adaptive_generate(model, processor, text=texts, images=images[:3])
+        flexproj.adaptive_generate(model, processor, text=texts, images=images[:3], budgets=LADDER)
     with pytest.raises(flexproj.BudgetError, match="threshold"):
-        flexproj.adaptive_generate(model, processor, text=texts, images=images, threshold=2)
+        flexproj.adaptive_generate(
+            model, processor, text=texts, images=images, budgets=LADDER, threshold=2
+        )
+
+
+def test_bad_arguments_are_budget_errors_before_anything_runs():
+    model, processor, texts, images = setup("llava", "flex")
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    for budgets in (None, 16, "1,4"):
+        with pytest.raises(flexproj.BudgetError, match="sequence of positive ints"):
+            flexproj.adaptive_generate(model, processor, text=texts, images=images, budgets=budgets)
+    for threshold in ("0.5", None, True, float("nan")):
+        with pytest.raises(flexproj.BudgetError, match="threshold"):
+            flexproj.adaptive_generate(
+                model, processor, text=texts, images=images, budgets=LADDER, threshold=threshold
+            )
+    # native is 64 per image: a rung of 65 fails up front, not when a sample climbs to it
+    with pytest.raises(flexproj.BudgetError, match="65 vision tokens per image exceeds"):
+        flexproj.adaptive_generate(
+            model, processor, text=texts, images=images, budgets=(1, 65), threshold=0.0
+        )
+    assert calls == []
+
+
+def test_answer_confidence_is_the_smallest_chosen_probability_before_the_stop():
+    from flexproj.adaptive import answer_confidence
+
+    # two answers, three positions, a vocabulary of 3; token 2 stops
+    probs = torch.tensor(
+        [
+            [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]],  # chooses 0, 1, then 2 (stop)
+            [[0.2, 0.5, 0.3], [0.05, 0.05, 0.9], [0.9, 0.05, 0.05]],  # 1, stop, then padding 0
+        ]
+    )
+    generated = torch.tensor([[0, 1, 2], [1, 2, 0]])
+    got = answer_confidence(list(probs.log().unbind(1)), generated, stop_ids=[2])
+    # by hand: min(0.7, 0.8, 0.4) and min(0.5, 0.9) (the 0.9 after the stop does not count)
+    torch.testing.assert_close(got, torch.tensor([0.4, 0.5]))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_the_cache_tells_images_of_one_shape_apart_by_their_pixels(family):
+    """Two images of the same size in one block: each gets its own tower output (a key
+    without the pixel bytes would answer the second with the first's)."""
+    from flexproj.encoder_cache import vision_cache
+
+    model, processor, _, _ = setup(family, "flex")
+    tower = flexproj.registry.adapter_for(model).vision_tower(model)
+    a, b = (processor.image_processor(images=[im], return_tensors="pt")["pixel_values"]
+            for im in tiny_images([(64, 64), (64, 64)], seed=3)[:2])  # fmt: skip
+    a, b = a.flatten(0, -4)[:1], b.flatten(0, -4)[:1]  # (1, 3, S, S): one image or crop
+    assert a.shape == b.shape and not torch.equal(a, b)
+    with torch.no_grad():
+        expected = [tower(pixel_values=x).last_hidden_state for x in (a, b)]
+        with vision_cache(model) as cache:
+            first = [tower(pixel_values=x).last_hidden_state for x in (a, b)]
+            again = [tower(pixel_values=x).last_hidden_state for x in (a, b)]
+    assert cache.computed == 2 and cache.reused == 2
+    for got in (first, again):
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e)
+
+
+def test_threads_running_adaptive_generate_leave_the_tower_as_patched():
+    """Four threads on one model: each block's cache is its own; afterwards plain calls are
+    not cached, follow the tower's weights, and unpatch leaves the tower stock."""
+    import threading
+
+    model, processor, texts, images = setup("llava", "flex")
+    tower = flexproj.registry.adapter_for(model).vision_tower(model)
+    alone = run(model, processor, texts, images, threshold=1.0)
+    patched_attrs = set(vars(tower))  # (after a first call: transformers adds its own)
+    barrier, results, errors = threading.Barrier(4), [], []
+
+    def work() -> None:
+        try:
+            barrier.wait()
+            results.append(run(model, processor, texts, images, threshold=1.0))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for out in results:
+        assert all(torch.equal(x, y) for x, y in zip(out.sequences, alone.sequences, strict=True))
+        assert out.images_encoded == alone.images_encoded  # nothing shared between threads
+    assert set(vars(tower)) == patched_attrs  # no cache left on the tower
+    pixels = processor.image_processor(images=images[:1], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        before = tower(pixel_values=pixels).last_hidden_state
+        for p in tower.parameters():
+            p.add_(0.5)
+        after = tower(pixel_values=pixels).last_hidden_state  # not answered from a cache
+    assert not torch.allclose(before, after)
+    flexproj.unpatch(model)
+    assert "forward" not in vars(tower)

@@ -168,12 +168,18 @@ def test_mismatched_inputs_raise_one_error(family, mode, monkeypatch):
     built = sum(placeholders(model, inputs))
     with flexproj.tokens(4):
         produced = sum(placeholders(model, encode(processor, family)))
-    message = rf"carry {built} image placeholder tokens but the patched model produces {produced} image features"
+    # transformers' own phrase leads, so code matching on it keeps working
+    phrase = "Image features and image tokens do not match: "
+    counts = rf"{phrase}the inputs carry {built} image placeholder tokens but the patched model produces {produced} image features"
+    carried = rf"{phrase}the inputs were built at \[9, 9, 9\] vision tokens per .* but the flexproj.tokens\(4\) block"
+    hand_built = {k: v for k, v in inputs.items() if k != "flexproj_budgets"}
     for env in ("0", "1"):  # the guard does not depend on transformers' own check
         monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", env)
         for call in (logits, generate):
-            with flexproj.tokens(4), pytest.raises(flexproj.TokenCountMismatch, match=message):
+            with flexproj.tokens(4), pytest.raises(flexproj.TokenCountMismatch, match=carried):
                 call(model, inputs)
+            with flexproj.tokens(4), pytest.raises(flexproj.TokenCountMismatch, match=counts):
+                call(model, hand_built)
 
 
 def test_bad_budgets_are_budget_errors(family):
@@ -201,8 +207,8 @@ def test_bad_budgets_are_budget_errors(family):
         with flexproj.tokens(65):
             with pytest.raises(flexproj.BudgetError, match=above):
                 encode(processor, family)
-            with pytest.raises(flexproj.BudgetError, match=above):
-                logits(model, inputs)
+            with pytest.raises(flexproj.BudgetError, match=above):  # (inputs carrying none)
+                logits(model, {k: v for k, v in inputs.items() if k != "flexproj_budgets"})
 
 
 @with_modes
@@ -542,5 +548,9 @@ def test_a_budget_list_of_the_wrong_length_is_one_error(family):
         encode(processor, family)
     with flexproj.tokens([4, 9, 16]):
         inputs = encode(processor, family)
-    with flexproj.tokens([4, 9]), pytest.raises(flexproj.BudgetError, match="2 budgets"):
-        logits(model, inputs)
+    hand_built = {k: v for k, v in inputs.items() if k != "flexproj_budgets"}
+    alone = "2 budgets|which crops or tiles belong to which image"  # (the latter: tiles, crops)
+    with flexproj.tokens([4, 9]), pytest.raises(flexproj.BudgetError, match=alone):
+        logits(model, hand_built)
+    with flexproj.tokens([4, 9]), pytest.raises(flexproj.TokenCountMismatch, match=r"\[4, 9, 16\]"):
+        logits(model, inputs)  # the inputs carry three budgets: the block disagrees
