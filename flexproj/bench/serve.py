@@ -40,6 +40,7 @@ from flexproj.bench.report import (
     run_and_write,
 )
 
+MAX_LEN = 4096  # NeXT / OneVision stock: 3 crops of 576 plus newlines, ~2000 tokens
 _NEXT_PINPOINTS = [[336, 336], [336, 672], [672, 336], [672, 672]]
 
 
@@ -81,7 +82,8 @@ def _build(family: str, root: Path, text_hidden: int) -> tuple[Path, Path, str]:
 
     heads = text_hidden // 32  # vLLM's CPU attention needs head_dim >= 32
     text = {"hidden_size": text_hidden, "intermediate_size": 2 * text_hidden,
-            "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": 32}  # fmt: skip
+            "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": 32,
+            "max_position_embeddings": MAX_LEN}  # fmt: skip
     model, processor = tiny_vlm(family, text_config=text, **SHAPES[family].overrides)
     model.save_pretrained(root / "base")
     processor.save_pretrained(root / "base")
@@ -107,7 +109,7 @@ def _measure(
 
     from flexproj.testing import tiny_images
 
-    llm = LLM(model=str(model_dir), enforce_eager=True, dtype="float32", max_model_len=4096,
+    llm = LLM(model=str(model_dir), enforce_eager=True, dtype="float32", max_model_len=MAX_LEN,
               max_num_seqs=requests, kv_cache_memory_bytes=512 * 2**20,
               limit_mm_per_prompt={"image": 1})  # fmt: skip
     seed = iter(range(10**6))
