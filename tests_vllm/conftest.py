@@ -69,6 +69,14 @@ def stop_engine(engine: Any) -> None:
     engine.llm_engine.engine_core.shutdown()
 
 
+@pytest.fixture(scope="module")
+def llm(exported: Exported, family: str) -> Any:
+    """One engine per test module and family (each module parametrizes ``family``)."""
+    engine = start_engine(exported[family][2])
+    yield engine
+    stop_engine(engine)
+
+
 def greedy() -> Any:
     """Greedy sampling of exactly NEW_TOKENS tokens (what hf_greedy compares with)."""
     from vllm import SamplingParams

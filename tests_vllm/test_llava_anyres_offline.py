@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import greedy, hf_greedy, request, start_engine, stop_engine
+from conftest import greedy, hf_greedy, request
 
 import flexproj
 from flexproj.testing import tiny_images
@@ -20,13 +20,6 @@ IMAGES = tiny_images([(64, 64), (128, 64), (56, 120), (128, 128)], seed=1)
 @pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
 def family(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture(scope="module")
-def llm(exported: dict, family: str) -> Any:
-    engine = start_engine(exported[family][2])
-    yield engine
-    stop_engine(engine)
 
 
 def hf_placeholders(processor: Any, prompt: str, images: list, tokens: int) -> int:

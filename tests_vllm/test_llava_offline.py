@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import greedy, hf_greedy, request, start_engine, stop_engine
+from conftest import greedy, hf_greedy, request
 
 from flexproj.testing import tiny_images
 
@@ -17,13 +17,6 @@ IMAGES = tiny_images([(64, 64), (64, 96), (96, 80)], seed=1)
 @pytest.fixture(scope="module", params=["llava", "llava_siglip"])
 def family(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture(scope="module")
-def llm(exported: dict, family: str) -> Any:
-    engine = start_engine(exported[family][2])
-    yield engine
-    stop_engine(engine)
 
 
 def test_mixed_budgets_in_one_call_equal_transformers(

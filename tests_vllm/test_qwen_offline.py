@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import greedy, hf_greedy, request, start_engine, stop_engine
+from conftest import greedy, hf_greedy, request
 
 from flexproj import target_grid
 from flexproj.testing import tiny_images
@@ -26,13 +26,6 @@ def placeholders(tokens: int, image: int) -> int:
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def family(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture(scope="module")
-def llm(exported: dict, family: str) -> Any:
-    engine = start_engine(exported[family][2])
-    yield engine
-    stop_engine(engine)
 
 
 def test_mixed_budgets_non_square_equal_transformers(llm: Any, exported: dict, family: str) -> None:

@@ -76,6 +76,7 @@ SHAPES: dict[str, ServeShape] = {
 def _build(family: str, root: Path, text_hidden: int) -> tuple[Path, Path, str]:
     """``(flexproj directory, stock directory, one image's prompt placeholder)``."""
     import flexproj
+    from flexproj.checkpoint import CONFIG_NAME, WEIGHTS_NAME
     from flexproj.serving.export import export
     from flexproj.testing import tiny_vlm
     from flexproj.testing.tiny_models import tiny_spec
@@ -91,7 +92,8 @@ def _build(family: str, root: Path, text_hidden: int) -> tuple[Path, Path, str]:
     flexproj.save_pretrained(model, root / "projector")
     served = export(root / "base", root / "projector", root / "served", overwrite=True)
     stock = root / "stock"  # the exported directory (processor completed), stock class
-    shutil.copytree(served, stock)
+    # without the flexproj checkpoint: vLLM loads every *.safetensors of a directory
+    shutil.copytree(served, stock, ignore=shutil.ignore_patterns(WEIGHTS_NAME, CONFIG_NAME))
     config = json.loads((stock / "config.json").read_text())
     config["architectures"] = json.loads((root / "base" / "config.json").read_text())[
         "architectures"
