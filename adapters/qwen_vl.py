@@ -315,7 +315,8 @@ def _pooled_features(self: Any, name: str, grid_key: str, args: tuple, kwargs: d
     """Patched ``get_image_features`` / ``get_video_features``: stock tower, then pool + project."""
     stock = stock_method(self, name)
     state = state_of(self)
-    if state is None or not state.enabled or _ENCODING.get():
+    slot = self.visual.merger
+    if state is None or not state.enabled or _encoding(slot):
         # stock path, or called from inside another wrapped get_*_features (Qwen3-VL's
         # get_video_features calls get_image_features): pass through, pool once
         return stock(*args, **kwargs)
@@ -323,17 +324,30 @@ def _pooled_features(self: Any, name: str, grid_key: str, args: tuple, kwargs: d
     if return_dict is None:  # as transformers' can_return_tuple decides
         return_dict = getattr(self.config, "return_dict", True)
     grid_thw = inspect.signature(stock).bind(*args, **kwargs).arguments.get(grid_key)
-    token = _ENCODING.set(True)
-    try:
+    if torch.compiler.is_compiling():  # a plain attribute: Dynamo cannot read a ContextVar
+        slot.traced_encoding = True
         output = stock(*args, return_dict=True, **kwargs)
-    finally:
-        _ENCODING.reset(token)
+        slot.traced_encoding = False
+    else:
+        token = _ENCODING.set(True)
+        try:
+            output = stock(*args, return_dict=True, **kwargs)
+        finally:
+            _ENCODING.reset(token)
     merge = int(self.config.vision_config.spatial_merge_size)
     adapter = cast(Qwen2VLAdapter, state.adapter)
     projector = state.projector if state.mode == "flex" else None
     budgets = _row_budgets(state, grid_key, grid_thw)
     adapter.pool_output(output, grid_thw, budgets, projector, merge)
     return output if return_dict else output.to_tuple()
+
+
+def _encoding(slot: Any) -> bool:
+    """Whether a wrapped ``get_*_features`` is running: the ContextVar, or while traced the
+    slot's flag (a compiled graph runs in one thread at a time)."""
+    if torch.compiler.is_compiling():
+        return bool(getattr(slot, "traced_encoding", False))
+    return _ENCODING.get()
 
 
 def _get_image_features(self: Any, *args: Any, **kwargs: Any) -> Any:

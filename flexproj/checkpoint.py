@@ -74,6 +74,16 @@ def _write_temp(target: Path, write: Callable[[str], None]) -> str:
     return tmp
 
 
+def write_atomically(target: Path, write: Callable[[str], None]) -> None:
+    """``write(path)`` a complete file at ``target``: written beside it with the mode a plain
+    write gets (0o666 less the umask, whatever the writer does), synced, moved into place."""
+    tmp = _write_temp(target, write)
+    try:
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _write_text(path: str, text: str) -> None:
     Path(path).write_text(text)
 
@@ -129,6 +139,12 @@ def save_pretrained(
             )
         live = state_dict
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in live.items()}
+    for name, tensor in tensors.items():  # before anything is written: keep the last good save
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"the projector's {name!r} holds NaN or infinite values (training diverged); "
+                f"nothing was written, {path} keeps what it had"
+            )
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True)

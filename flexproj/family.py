@@ -84,8 +84,10 @@ def guarded_placeholder_mask(self: Model, *args: Any, **kwargs: Any) -> Any:
     data-dependent and the stock ``torch_compilable_check`` is what remains.
     """
     stock = stock_method(self, "get_placeholder_mask")
+    if torch.compiler.is_compiling():  # first: nothing below may touch a ContextVar
+        return stock(*args, **kwargs)
     state = state_of(self)
-    if not torch.compiler.is_compiling() and state is not None and state.enabled:
+    if state is not None and state.enabled:
         bound = inspect.signature(stock).bind(*args, **kwargs)
         input_ids = bound.arguments.get("input_ids")
         embeds = bound.arguments.get("inputs_embeds")

@@ -51,8 +51,13 @@ MISSING = _Missing()
 
 
 def stock_method(obj: Any, name: str) -> Callable[..., Any]:
-    """``obj``'s class implementation of ``name``, bound to ``obj`` (what an override wraps)."""
-    return getattr(type(obj), name).__get__(obj, type(obj))
+    """``obj``'s class implementation of ``name``, bound to ``obj`` (what an override wraps).
+
+    A ``functools.partial`` rather than a bound method: with a bound method, a graph break
+    inside the stock method under a non-fullgraph torch.compile (torch 2.13) recursed
+    without end through the override (tests/test_compile.py runs that case).
+    """
+    return functools.partial(getattr(type(obj), name), obj)
 
 
 class Patcher:

@@ -39,6 +39,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import flexproj
 from flexproj._types import Model
+from flexproj.checkpoint import write_atomically
 from flexproj.errors import BudgetError, FlexprojError, PatchError
 from flexproj.recipes.config import ConfigError, RecipeConfig, parse_args
 from flexproj.recipes.data import Batcher, ConversationDataset, collate_examples
@@ -217,7 +219,10 @@ class FlexTrainer(Trainer):
             for n, p in model.named_parameters()
             if p.requires_grad
         }
-        save_file(trainable, str(directory / TRAINABLE_NAME), metadata={"format": "pt"})
+        write_atomically(  # the mode a plain write gets (safetensors' own is 0o600)
+            directory / TRAINABLE_NAME,
+            lambda tmp: save_file(trainable, tmp, metadata={"format": "pt"}),
+        )
         base = _unwrap_peft(model)
         if (
             flexproj.patch_info(base).mode == "flex"
@@ -307,9 +312,45 @@ def _count(model: Model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def _resume_arg(value: Any) -> Any:
+#: written last into a checkpoint by Trainer: a directory without it was cut off mid-save
+TRAINER_STATE = "trainer_state.json"
+
+
+def _resume_arg(value: Any, output_dir: Path) -> Any:
+    """``--resume_from_checkpoint``: ``true`` / ``last`` is the newest *complete*
+    ``checkpoint-<step>`` of ``output_dir`` (one cut off mid-save is skipped, with a
+    warning); a named checkpoint must be complete."""
     if isinstance(value, str) and value.lower() in ("true", "last"):
-        return True
+        value = True
+    if value is True:
+        found = sorted(
+            (p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+            key=lambda p: int(p.name.split("-")[-1]),
+            reverse=True,
+        )
+        complete = [p for p in found if (p / TRAINER_STATE).is_file()]
+        if not complete:
+            raise ConfigError(
+                f"--resume_from_checkpoint {value}: {output_dir} holds no complete checkpoint-<step>"
+            )
+        skipped = [
+            p.name
+            for p in found
+            if p not in complete
+            and int(p.name.split("-")[-1]) > int(complete[0].name.split("-")[-1])
+        ]
+        if skipped:
+            warnings.warn(
+                f"resuming from {complete[0].name}: {', '.join(skipped)} is incomplete "
+                f"(no {TRAINER_STATE}; cut off while saving)",
+                stacklevel=2,
+            )
+        return str(complete[0])
+    if value and not (Path(value) / TRAINER_STATE).is_file():
+        raise ConfigError(
+            f"--resume_from_checkpoint {value}: not a complete checkpoint (no {TRAINER_STATE}; "
+            "cut off while saving?); pass true to resume from the last complete one"
+        )
     return value or None
 
 
@@ -467,7 +508,7 @@ def train(
             (output_dir / DISTILL_NAME).write_text(json.dumps(distill, indent=2) + "\n")
 
     # 5. train (a fresh run starts fresh logs; a resumed one appends)
-    resume = _resume_arg(training_args.resume_from_checkpoint)
+    resume = _resume_arg(training_args.resume_from_checkpoint, output_dir)
     if not resume:
         (output_dir / BUDGET_DIR / f"rank{training_args.process_index}.jsonl").unlink(
             missing_ok=True

@@ -26,10 +26,12 @@ import shlex
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from flexproj.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint
-from flexproj.errors import BudgetError, CheckpointError
+from flexproj.errors import CheckpointError
+from flexproj.registry import get_adapter
 from flexproj.serving.budget import CONFIG_KEY
 from flexproj.serving.families import FAMILIES
 
@@ -45,6 +47,16 @@ _VIDEO_FIELDS = (
 CPU_MIN_HEAD_DIM = 32
 #: on CPU, vLLM's --gpu-memory-utilization is the share of the machine's RAM it takes
 CPU_MEMORY_UTILIZATION = 0.2
+
+
+def _check_native(base_dir: Path, model_type: str, tokens: int) -> None:
+    """A default budget above the model's native count is refused (families that cap per
+    image, Qwen, accept any), as ``flexproj.patch`` refuses it: read from the config alone."""
+    from transformers import AutoConfig
+
+    adapter = get_adapter(model_type)
+    native = adapter.native_tokens(SimpleNamespace(config=AutoConfig.from_pretrained(base_dir)))
+    adapter.check_budget(tokens, native)
 
 
 def export(
@@ -76,12 +88,7 @@ def export(
     if tokens is not None:
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
             raise ValueError(f"--tokens must be a positive int, got {tokens!r}")
-        native = family.native_tokens(config) if family.native_tokens else None
-        if native is not None and tokens > native:
-            raise BudgetError(
-                f"--tokens {tokens} exceeds the native {native} vision tokens per image of "
-                f"{base_dir}; pooling only removes tokens (use 1..{native})"
-            )
+        _check_native(base_dir, str(model_type), tokens)
         flex = {**flex, "default_tokens": tokens}
     if out_dir.exists():
         if not overwrite:

@@ -249,3 +249,59 @@ def test_tampered_checkpoints_raise_only_checkpoint_error(original, tmp_path_fac
     except flexproj.CheckpointError:
         return
     assert not must_fail, "a tampered checkpoint loaded"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_projector_never_replaces_a_good_checkpoint(tmp_path, bad):
+    import torch
+
+    model, _ = tiny_vlm("llava")
+    flexproj.patch(model, tokens=16)
+    good = flexproj.save_pretrained(model, tmp_path / "ckpt")
+    before = {n: (good / n).read_bytes() for n in (WEIGHTS_NAME, CONFIG_NAME)}
+    weight = next(iter(flexproj.get_projector(model).parameters()))
+    with torch.no_grad():
+        weight.view(-1)[0] = bad
+    with pytest.raises(flexproj.CheckpointError, match="NaN or infinite"):
+        flexproj.save_pretrained(model, tmp_path / "ckpt")
+    assert {n: (good / n).read_bytes() for n in (WEIGHTS_NAME, CONFIG_NAME)} == before
+    assert sorted(p.name for p in good.iterdir()) == sorted(before)  # no temporary left
+    fresh, _ = tiny_vlm("llava")
+    flexproj.from_pretrained(fresh, good)  # the last good projector still loads
+
+
+def test_resume_true_skips_a_checkpoint_cut_off_while_saving(tmp_path, capfd):
+    """A kill during the save of checkpoint-4 leaves only its trainable.safetensors:
+    ``--resume_from_checkpoint true`` resumes from checkpoint-2 (the loss sequence goes on
+    exactly), and the checkpoint files get the mode a plain write gets."""
+    from test_recipes import args, logged
+
+    from flexproj.recipes.trainer import main
+    from flexproj.testing.datasets import make_samples, write_llava_dataset
+
+    data = write_llava_dataset(make_samples(8, seed=0), tmp_path / "data")
+    common = ["--stage", "finetune", "--save_strategy", "steps", "--save_steps", "2"]
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert main("llava", args("llava", data, out, *common, steps=4)) == 0
+    finally:
+        os.umask(old)
+    trainable = out / "checkpoint-2" / "trainable.safetensors"
+    assert stat.S_IMODE(trainable.stat().st_mode) == 0o644  # 0o666 less the umask
+    full = logged(out)
+    for path in (out / "checkpoint-4").iterdir():  # the kill: only the weights were written
+        if path.name != "trainable.safetensors":
+            path.unlink() if path.is_file() else None
+    with pytest.warns(UserWarning, match="checkpoint-4 is incomplete"):
+        status = main(
+            "llava", args("llava", data, out, *common, "--resume_from_checkpoint", "true", steps=4)
+        )
+    assert status == 0
+    tail = [s for s in logged(out) if s["step"] > 2][-2:]
+    assert [s["loss"] for s in tail] == [s["loss"] for s in full[2:]]
+    (out / "checkpoint-9").mkdir()  # a named checkpoint that is not complete: one line
+    named = args("llava", data, out, *common, "--resume_from_checkpoint", str(out / "checkpoint-9"))
+    assert main("llava", named) == 2
+    err = capfd.readouterr().err
+    assert "checkpoint-9: not a complete checkpoint" in err and "Traceback" not in err

@@ -7,9 +7,12 @@ What these pin (torch 2.13, transformers 5.23):
   becomes a SymInt under automatic dynamic shapes; inductor cannot lower
   ``adaptive_avg_pool2d`` to a symbolic size, so ``output_grid`` specialises it).
 * ``torch.compile(model)`` of a patched LLaVA matches eager at several budgets.
-* ``fullgraph=True`` on a patched model: the budget is read from a ``ContextVar``
-  (``flexproj.tokens``), whose ``.get`` Dynamo cannot trace (graph break gb0156), so
-  fullgraph fails there; with that one read taken out it compiles in one graph.
+* ``fullgraph=True`` on a patched model: nothing traced reads a ``ContextVar`` (Dynamo
+  cannot, graph break gb0156): text steps trace in one graph in every family, and an
+  image step runs at the model's default budget (a plain attribute Dynamo guards on),
+  with a traced runtime check that the inputs carry that budget (flexproj.carried).
+  Image steps of LLaVA-NeXT and Qwen-VL stop at data-dependent code of the stock models
+  (best-resolution choice, grid_thw), patched or not.
 * A patched model runs in bf16 and under ``torch.autocast("cpu", torch.bfloat16)``.
 
 Transformers installs its output-capturing hooks on a model's first call under a
@@ -26,7 +29,7 @@ import pytest
 import torch
 
 import flexproj
-from flexproj.testing import tiny_images, tiny_vlm
+from flexproj.testing import IMAGE_PLACEHOLDER, tiny_images, tiny_vlm
 
 PROMPT = "USER: <image> what color is the circle ? ASSISTANT:"
 
@@ -90,42 +93,78 @@ def test_projector_fullgraph_guards_the_kernel_name():
         assert counter.frame_count == 2
 
 
-@pytest.mark.slow
-def test_compiled_patched_llava_matches_eager_across_budgets():
-    model, processor = _patched_llava()
+def _patched(family: str, tokens: int = 16):
+    small = {} if family == "internvl" else {"text_config": {"num_hidden_layers": 1}}
+    model, processor = tiny_vlm(family, **small)
+    model.eval()
+    flexproj.patch(model, processor, tokens=tokens)
+    return model, processor
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl", "internvl"])
+def test_fullgraph_traces_patched_text_steps(family):
+    """A text-only step (what transformers' compiled generate compiles: the decode steps)
+    traces in one graph on a patched model, in and out of a flexproj.tokens block."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model, processor = _patched(family)
+    text = processor(text=["what color is it ?"], return_tensors="pt")
     with torch.no_grad():
-        model(**_inputs(processor))  # first call eager: see the module docstring
-        compiled = torch.compile(model)
-        for n in (16, 4):  # the second budget takes the dynamic-int path
-            with flexproj.tokens(n):
-                inputs = _inputs(processor)
-                expected = model(**inputs).logits
-                got = compiled(**inputs).logits
-            assert (inputs["input_ids"] == model.config.image_token_id).sum() == n
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        expected = model(**text).logits  # first call eager: see the module docstring
+        counter = CompileCounterWithBackend("eager")
+        compiled = torch.compile(model, fullgraph=True, backend=counter)
+        torch.testing.assert_close(compiled(**text).logits, expected)
+        with flexproj.tokens(4):
+            torch.testing.assert_close(compiled(**text).logits, expected)
+    assert counter.frame_count == 1
 
 
-@pytest.mark.slow
-def test_patched_llava_fullgraph(monkeypatch):
-    model, processor = _patched_llava()
+def test_fullgraph_traces_a_patched_image_step_at_the_default_budget():
+    """An image step traces in one graph and matches eager; inputs carrying another budget
+    fail a runtime check in the graph instead of running at the default."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model, processor = _patched("llava")
     inputs = _inputs(processor)
     with torch.no_grad():
         expected = model(**inputs).logits
-        try:
-            torch.compile(model, fullgraph=True)(**inputs)
-        except torch._dynamo.exc.Unsupported as exc:
-            assert "ContextVar" in str(exc), exc  # the known breaks: budget / disabled reads
-        else:  # the ContextVar reads became traceable: nothing else to check here
-            return
-        # with the ContextVar reads (budget in force, disabled flag) replaced by constants,
-        # the whole model is one graph
-        torch._dynamo.reset()
-        state = flexproj.state.state_of(model)
-        state.budget = lambda: 16
-        monkeypatch.setattr(flexproj.state.PatchState, "enabled", property(lambda self: True))
-        monkeypatch.setattr(flexproj.family, "current_tokens", lambda default=None: 16)
-        got = torch.compile(model, fullgraph=True)(**inputs).logits
+        counter = CompileCounterWithBackend("eager")
+        compiled = torch.compile(model, fullgraph=True, backend=counter)
+        for _ in range(2):
+            torch.testing.assert_close(compiled(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+        assert counter.frame_count == 1
+        with flexproj.tokens(4):
+            other = _inputs(processor)
+        with pytest.raises(RuntimeError, match="compiled model runs at its default budget"):
+            compiled(**other)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_a_graph_break_in_stock_code_under_a_patched_override_is_not_a_loop(family):
+    """Without fullgraph, stock code's graph breaks (data-dependent checks) inside the
+    patched methods resume and finish (they once recursed until the interpreter died)."""
+    model, processor = _patched(family)
+    img = IMAGE_PLACEHOLDER[family]
+    inputs = processor(
+        text=[f"{img} what color ?"], images=tiny_images([(64, 64)]), return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        got = torch.compile(model, backend="eager")(**inputs).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_patched_llava_matches_eager_across_default_budgets():
+    """Inductor, at two default budgets: each compiled model matches eager."""
+    for n in (16, 4):
+        model, processor = _patched("llava", tokens=n)
+        with torch.no_grad():
+            inputs = _inputs(processor)
+            expected = model(**inputs).logits  # first call eager: see the module docstring
+            got = torch.compile(model)(**inputs).logits
+        assert (inputs["input_ids"] == model.config.image_token_id).sum() == n
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_patched_llava_runs_in_bf16_and_under_autocast():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
-from collections.abc import Callable
 from typing import Any
 
 # subcommand -> help; each is the module flexproj.bench.<name> with add_arguments / run
@@ -36,22 +34,7 @@ def register(subparsers: Any) -> None:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(child)
-        child.set_defaults(func=_reporting_errors(module.run))
-
-
-def _reporting_errors(run: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
-    """``run``, with a flexproj error (a bad option ...) printed as one line: exit status 2."""
-
-    def call(args: argparse.Namespace) -> int:
-        from flexproj.errors import FlexprojError
-
-        try:
-            return run(args)
-        except FlexprojError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-    return call
+        child.set_defaults(func=module.run)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

@@ -158,17 +158,13 @@ _CONVERT_FIELDS = {
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
 
-    from flexproj.errors import MissingExtraError, require_extra
+    from flexproj.errors import require_extra
 
-    try:  # up front: the plot (matplotlib) comes after minutes of training
-        require_extra(
-            {"PIL": "Pillow", "matplotlib": "matplotlib"}, extra="train", feature="flexproj demo"
-        )
-    except MissingExtraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # up front: the plot (matplotlib) comes after minutes of training
+    require_extra(
+        {"PIL": "Pillow", "matplotlib": "matplotlib"}, extra="train", feature="flexproj demo"
+    )
     from flexproj.demo import (
         ConvertConfig,
         DemoConfig,

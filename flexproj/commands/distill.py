@@ -55,34 +55,29 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from flexproj.errors import FlexprojError
     from flexproj.recipes.distill import run_distill
 
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             print(f"error: --{name} must be at least 1", file=sys.stderr)
             return 2
-    try:
-        run_distill(
-            args.model,
-            args.images,
-            args.output_dir,
-            weights=args.weights,
-            image_folder=args.image_folder,
-            schedule=args.schedule,
-            steps=args.steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            cosine_weight=args.cosine_weight,
-            seed=args.seed,
-            max_images=args.max_images,
-            kernel=args.kernel,
-            hidden_dim=args.hidden_dim,
-            dtype=args.dtype,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-    except FlexprojError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    run_distill(
+        args.model,
+        args.images,
+        args.output_dir,
+        weights=args.weights,
+        image_folder=args.image_folder,
+        schedule=args.schedule,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        cosine_weight=args.cosine_weight,
+        seed=args.seed,
+        max_images=args.max_images,
+        kernel=args.kernel,
+        hidden_dim=args.hidden_dim,
+        dtype=args.dtype,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     return 0

@@ -56,32 +56,26 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
 
-    from flexproj.errors import FlexprojError
     from flexproj.recipes.evaluate import evaluate
 
-    try:
-        evaluate(
-            args.run,
-            args.data,
-            args.tokens,
-            labels=args.label,
-            output_dir=args.output_dir,
-            image_folder=args.image_folder,
-            max_samples=args.max_samples,
-            model=args.model,
-            family=args.family,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            prefill_repeats=args.prefill_repeats,
-            dtype=args.dtype,
-            device=args.device,
-            progress=not args.no_progress,
-            auto=args.auto,
-            auto_margin=args.auto_margin,
-        )
-    except FlexprojError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    evaluate(
+        args.run,
+        args.data,
+        args.tokens,
+        labels=args.label,
+        output_dir=args.output_dir,
+        image_folder=args.image_folder,
+        max_samples=args.max_samples,
+        model=args.model,
+        family=args.family,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        prefill_repeats=args.prefill_repeats,
+        dtype=args.dtype,
+        device=args.device,
+        progress=not args.no_progress,
+        auto=args.auto,
+        auto_margin=args.auto_margin,
+    )
     return 0
