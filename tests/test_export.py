@@ -116,7 +116,8 @@ def test_export_gives_qwen_the_video_processor_and_still_loads(tmp_path, family)
     a = loaded(text=[text], images=image_in, return_tensors="pt")
     b = processor(text=[text], images=image_in, return_tensors="pt")
     assert torch.equal(a["input_ids"], b["input_ids"])
-    assert torch.equal(a["pixel_values"], b["pixel_values"])
+    # (transformers 5.19 reloads a fast image processor: float noise of 1e-7, not a bug)
+    torch.testing.assert_close(a["pixel_values"], b["pixel_values"], rtol=0, atol=1e-5)
 
 
 def test_export_of_onevision_keeps_the_processor_settings_and_adds_a_video_processor(tmp_path):
