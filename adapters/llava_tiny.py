@@ -176,10 +176,35 @@ def _llava_onevision_config(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
 
 
 class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
-    """``LlavaOnevisionProcessor`` without a video processor (no torchvision needed)."""
+    """``LlavaOnevisionProcessor`` without a video processor (no torchvision needed).
 
-    def __init__(self, image_processor=None, tokenizer=None, **kwargs: Any) -> None:
-        super().__init__(image_processor, tokenizer, None, **kwargs)
+    The settings are named parameters, as upstream's: ``save_pretrained`` writes only
+    the ``__init__`` parameters it can see, and a reloaded processor needs them."""
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        video_token="<video>",
+        vision_aspect_ratio="anyres_max_9",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            image_processor,
+            tokenizer,
+            None,
+            num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            video_token=video_token,
+            vision_aspect_ratio=vision_aspect_ratio,
+            **kwargs,
+        )
 
 
 def _llava_onevision_processor(

@@ -18,11 +18,22 @@ import flexproj
 NEW_TOKENS = 8
 
 
+class Exported(dict):
+    """family -> ``(patched transformers model, processor, exported dir)``, built on first use."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> tuple[Any, Any, Path]:
+        torch.manual_seed(0)
+        self[family] = build(family, self.root)
+        return self[family]
+
+
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, Any, Path]]:
-    root = tmp_path_factory.mktemp("exported")
-    torch.manual_seed(0)
-    return {family: build(family, root) for family in ("llava", "qwen2_5_vl")}
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    return Exported(tmp_path_factory.mktemp("exported"))
 
 
 def hf_greedy(model: Any, processor: Any, text: str, images: list, tokens: int) -> list[int]:
@@ -56,6 +67,14 @@ def start_engine(model_dir: Any) -> Any:
 
 def stop_engine(engine: Any) -> None:
     engine.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llm(exported: Exported, family: str) -> Any:
+    """One engine per test module and family (each module parametrizes ``family``)."""
+    engine = start_engine(exported[family][2])
+    yield engine
+    stop_engine(engine)
 
 
 def greedy() -> Any:

@@ -17,26 +17,12 @@ TEXT = {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32}
 #: family -> (tiny_vlm family, overrides, default budget saved in the checkpoint)
 FAMILIES: dict[str, tuple[str, dict[str, Any], int]] = {
     "llava": ("llava", {"text_config": TEXT}, 16),
+    "llava_siglip": ("llava_siglip", {"text_config": TEXT}, 16),
+    "llava_next": ("llava_next", {"text_config": TEXT}, 16),
+    "llava_onevision": ("llava_onevision", {"text_config": TEXT}, 16),
+    "qwen2_vl": ("qwen2_vl", {"text_config": TEXT}, 16),
     "qwen2_5_vl": ("qwen2_5_vl", {"text_config": TEXT}, 16),
 }
-
-
-def _full_processor(processor: Any) -> Any:
-    """vLLM loads Qwen's processor with its video processor, which tiny_vlm leaves out
-    (it needs torchvision, which this venv has): save the real class with one."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
-
-    if not isinstance(processor, Qwen2_5_VLProcessor):
-        return processor
-    image = processor.image_processor
-    video = Qwen2VLVideoProcessor(
-        patch_size=image.patch_size,
-        merge_size=image.merge_size,
-        temporal_patch_size=image.temporal_patch_size,
-    )
-    return Qwen2_5_VLProcessor(
-        image, processor.tokenizer, video, chat_template=processor.chat_template
-    )
 
 
 def build(family: str, root: Path, seed: int = 0) -> tuple[Any, Any, Path]:
@@ -45,7 +31,7 @@ def build(family: str, root: Path, seed: int = 0) -> tuple[Any, Any, Path]:
     model, processor = tiny_vlm(name, seed=seed, **overrides)
     base, proj, out = root / f"{family}-base", root / f"{family}-projector", root / family
     model.save_pretrained(base)
-    _full_processor(processor).save_pretrained(base)
+    processor.save_pretrained(base)  # image-only for Qwen: export adds the video processor
     flexproj.patch(model, processor, tokens=default)
     flexproj.save_pretrained(model, proj)
     export(base, proj, out, overwrite=True)

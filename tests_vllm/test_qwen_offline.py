@@ -1,4 +1,4 @@
-"""Qwen2.5-VL served by vLLM with the flexproj plug-in equals the patched transformers model:
+"""Qwen2-VL and Qwen2.5-VL served by vLLM with the flexproj plug-in equals the patched transformers model:
 non-square images (M-RoPE on the pooled grid), mixed budgets in one call, capping."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import greedy, hf_greedy, request, start_engine, stop_engine
+from conftest import greedy, hf_greedy, request
 
 from flexproj import target_grid
 from flexproj.testing import tiny_images
@@ -23,15 +23,13 @@ def placeholders(tokens: int, image: int) -> int:
     return h * w
 
 
-@pytest.fixture(scope="module")
-def llm(exported: dict) -> Any:
-    engine = start_engine(exported["qwen2_5_vl"][2])
-    yield engine
-    stop_engine(engine)
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def family(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
-def test_mixed_budgets_non_square_equal_transformers(llm: Any, exported: dict) -> None:
-    model, processor, _ = exported["qwen2_5_vl"]
+def test_mixed_budgets_non_square_equal_transformers(llm: Any, exported: dict, family: str) -> None:
+    model, processor, _ = exported[family]
     cases = [(4, 0), (6, 1), (12, 1), (16, 2), (1, 2), (100, 2), (8, 3), (24, 3), (16, 0)]
     assert placeholders(100, 2) == 28 and placeholders(12, 1) == 6  # capped; aspect kept
     outs = llm.generate([request(PROMPT, IMAGES[i], n) for n, i in cases], greedy())
@@ -41,8 +39,8 @@ def test_mixed_budgets_non_square_equal_transformers(llm: Any, exported: dict) -
         assert list(out.outputs[0].token_ids) == want, f"budget {n}, image {i}"
 
 
-def test_default_budget_and_two_images(llm: Any, exported: dict) -> None:
-    model, processor, _ = exported["qwen2_5_vl"]
+def test_default_budget_and_two_images(llm: Any, exported: dict, family: str) -> None:
+    model, processor, _ = exported[family]
     (out,) = llm.generate([request(PROMPT, IMAGES[1], None)], greedy())
     assert out.prompt_token_ids.count(IMAGE_PAD) == placeholders(16, 1) == 15  # default 16: 3x5
     assert list(out.outputs[0].token_ids) == hf_greedy(model, processor, PROMPT, [IMAGES[1]], 16)
@@ -53,8 +51,10 @@ def test_default_budget_and_two_images(llm: Any, exported: dict) -> None:
 
 
 @pytest.mark.parametrize("bad", [0, -3, "8", 1.5])
-def test_bad_budget_fails_that_request_only(llm: Any, exported: dict, bad: object) -> None:
-    model, processor, _ = exported["qwen2_5_vl"]
+def test_bad_budget_fails_that_request_only(
+    llm: Any, exported: dict, family: str, bad: object
+) -> None:
+    model, processor, _ = exported[family]
     with pytest.raises(ValueError, match="must be a positive int"):
         llm.generate([request(PROMPT, IMAGES[0], bad)], greedy())  # type: ignore[arg-type]
     (out,) = llm.generate([request(PROMPT, IMAGES[3], 9)], greedy())

@@ -1,7 +1,9 @@
-"""``vllm serve`` of an exported model with the plug-in, over HTTP on 127.0.0.1.
+"""The served journey, as a user runs it (docs/SERVING.md): a tiny LLaVA with heads of 32
+saved with its processor and a FlexProjector (``flexproj.save_pretrained``) ->
+``flexproj export`` (the CLI) -> the ``vllm serve`` command export printed, run as printed
+(plus host, port and a small KV cache) -> OpenAI chat requests at two budgets.
 
-An OpenAI-compatible chat request carrying an image and ``mm_processor_kwargs`` in the
-extra body answers with the patched transformers model's greedy ids; a bad budget gets an
+Each answer equals the patched transformers model's greedy ids; a bad budget gets an
 HTTP 400 naming the problem while the server keeps answering. The test starts the server
 and shuts it down.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import NEW_TOKENS, hf_greedy
+from models import FAMILIES
 
-from flexproj.testing import tiny_images
+import flexproj
+from flexproj.testing import tiny_images, tiny_vlm
 
 QUESTION = "what color is the circle ?"
 IMAGE = tiny_images([(96, 64)], seed=3)[0]
@@ -46,14 +52,39 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(exported: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def journey(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, list[str]]:
+    """``(patched model, processor, the serve command flexproj export printed)``."""
+    root = tmp_path_factory.mktemp("journey")
+    name, overrides, _ = FAMILIES["llava"]
+    torch.manual_seed(0)
+    model, processor = tiny_vlm(name, **overrides)
+    model.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    flexproj.patch(model, processor, tokens=16)
+    flexproj.save_pretrained(model, root / "projector")
+    flexproj_cli = str(Path(sys.executable).parent / "flexproj")
+    printed = subprocess.run(
+        [flexproj_cli, "export", str(root / "base"), str(root / "projector"), str(root / "out")],
+        check=True, capture_output=True, text=True,
+    ).stdout.splitlines()  # fmt: skip
+    (command,) = [line.strip() for line in printed if line.strip().startswith("vllm serve ")]
+    return model, processor, shlex.split(command)
+
+
+@pytest.fixture(scope="module")
+def server(
+    journey: tuple[Any, Any, list[str]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("server") / "vllm-serve.log"
+    printed = journey[2]
+    assert printed[3:] == [
+        "--trust-request-mm-kwargs", "--dtype", "float32", "--gpu-memory-utilization", "0.2"
+    ]  # fmt: skip
     command = [
-        str(Path(sys.executable).parent / "vllm"), "serve", str(exported["llava"][2]),
-        "--host", "127.0.0.1", "--port", str(port), "--trust-request-mm-kwargs",
-        "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
+        str(Path(sys.executable).parent / "vllm"), *printed[1:],
+        "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "512",
         "--kv-cache-memory-bytes", str(128 * 2**20),
     ]  # fmt: skip
     with open(log, "wb") as out:
@@ -102,8 +133,8 @@ def _chat(url: str, extra: dict[str, Any]) -> Any:
     )
 
 
-def _reference(exported: dict, tokens: int) -> list[int]:
-    model, processor, _ = exported["llava"]
+def _reference(journey: tuple, tokens: int) -> list[int]:
+    model, processor, _ = journey
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
     ]
@@ -112,17 +143,18 @@ def _reference(exported: dict, tokens: int) -> list[int]:
 
 
 @pytest.mark.parametrize("tokens", [4, 36])
-def test_chat_with_budget_equals_transformers(server: str, exported: dict, tokens: int) -> None:
+def test_chat_with_budget_equals_transformers(server: str, journey: tuple, tokens: int) -> None:
     response = _chat(server, {"mm_processor_kwargs": {"tokens": tokens}})
     choice = response.choices[0]
-    assert response.prompt_token_ids.count(4) == tokens  # image placeholders in the prompt
-    assert choice.token_ids == _reference(exported, tokens)
+    image_token = journey[0].config.image_token_index
+    assert response.prompt_token_ids.count(image_token) == tokens  # placeholders in the prompt
+    assert choice.token_ids == _reference(journey, tokens)
 
 
-def test_bad_budget_is_a_400_and_the_server_serves_on(server: str, exported: dict) -> None:
+def test_bad_budget_is_a_400_and_the_server_serves_on(server: str, journey: tuple) -> None:
     from openai import BadRequestError
 
     with pytest.raises(BadRequestError, match="exceeds this model's native 64"):
-        _chat(server, {"mm_processor_kwargs": {"tokens": 100}})
+        _chat(server, {"mm_processor_kwargs": {"tokens": 65}})
     response = _chat(server, {"mm_processor_kwargs": {"tokens": 9}})
-    assert response.choices[0].token_ids == _reference(exported, 9)
+    assert response.choices[0].token_ids == _reference(journey, 9)

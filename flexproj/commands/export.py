@@ -34,8 +34,15 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexproj.serving.export import export
+    import torch
+
+    from flexproj.serving.export import cpu_head_dim_problem, export, serve_command
 
     out = export(args.base, args.projector, args.out, tokens=args.tokens, overwrite=args.overwrite)
-    print(f"wrote {out}: serve it with `vllm serve {out}` (flexproj[vllm] installed)")
+    cpu = not torch.cuda.is_available()
+    print(f"wrote {out}; serve it (flexproj[vllm] installed) with:")
+    print(f"  {serve_command(out, cpu=cpu)}")
+    note = cpu_head_dim_problem(out) if cpu else None
+    if note is not None:
+        print(note)
     return 0
