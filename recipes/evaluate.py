@@ -51,6 +51,7 @@ __all__ = [
     "evaluate_model",
     "load_run",
     "normalize_answer",
+    "run_batcher",
     "write_report",
 ]
 
@@ -136,6 +137,21 @@ def load_run(
     return EvalRun(label or path.name, path, base, processor, recipe, info, keep)
 
 
+def run_batcher(run: EvalRun) -> Any:
+    """The :class:`~flexproj.recipes.data.Batcher` that formats prompts as ``run`` was
+    trained (prompt format, system prompt and padding from its ``recipe.json``)."""
+    from flexproj.recipes.data import Batcher
+
+    recipe, processor, info = run.recipe, run.processor, run.info
+    return Batcher(
+        recipe,
+        processor,
+        prompt_format=recipe.resolve_prompt_format(processor, info.get("prompt_format", "auto")),
+        system_prompt=info.get("system_prompt"),
+        pad_to_square=bool(info.get("pad_to_square", recipe.use_pad_to_square(run.model, None))),
+    )
+
+
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -165,11 +181,10 @@ def evaluate_model(
     """
     from tqdm.auto import tqdm
 
-    from flexproj.recipes.data import Batcher
     from flexproj.registry import adapter_for
 
     say = log or tqdm.write
-    model, processor, recipe, info = run.model, run.processor, run.recipe, run.info
+    model, processor, recipe = run.model, run.processor, run.recipe
     adapter = adapter_for(model)
     native = adapter.native_tokens(model)
     for n in budgets:
@@ -177,13 +192,7 @@ def evaluate_model(
             adapter.check_budget(n, native)
         except BudgetError as exc:
             raise BudgetError(f"--tokens {n}: {exc}") from None
-    batcher = Batcher(
-        recipe,
-        processor,
-        prompt_format=recipe.resolve_prompt_format(processor, info.get("prompt_format", "auto")),
-        system_prompt=info.get("system_prompt"),
-        pad_to_square=bool(info.get("pad_to_square", recipe.use_pad_to_square(model, None))),
-    )
+    batcher = run_batcher(run)
     device = next(model.parameters()).device
     image_token = recipe.image_token_id(model)
     tokenizer = processor.tokenizer
