@@ -47,6 +47,7 @@ __all__ = [
     "EvalRun",
     "auto_point",
     "auto_sweep",
+    "check_budgets",
     "evaluate",
     "evaluate_model",
     "load_run",
@@ -137,6 +138,19 @@ def load_run(
     return EvalRun(label or path.name, path, base, processor, recipe, info, keep)
 
 
+def check_budgets(model: Model, budgets: Sequence[int], flag: str = "--tokens") -> None:
+    """Raise :class:`BudgetError` naming the first budget ``model`` cannot serve."""
+    from flexproj.registry import adapter_for
+
+    adapter = adapter_for(model)
+    native = adapter.native_tokens(model)
+    for n in budgets:
+        try:
+            adapter.check_budget(n, native)
+        except BudgetError as exc:
+            raise BudgetError(f"{flag} {n}: {exc}") from None
+
+
 def run_batcher(run: EvalRun) -> Any:
     """The :class:`~flexproj.recipes.data.Batcher` that formats prompts as ``run`` was
     trained (prompt format, system prompt and padding from its ``recipe.json``)."""
@@ -181,17 +195,9 @@ def evaluate_model(
     """
     from tqdm.auto import tqdm
 
-    from flexproj.registry import adapter_for
-
     say = log or tqdm.write
     model, processor, recipe = run.model, run.processor, run.recipe
-    adapter = adapter_for(model)
-    native = adapter.native_tokens(model)
-    for n in budgets:
-        try:
-            adapter.check_budget(n, native)
-        except BudgetError as exc:
-            raise BudgetError(f"--tokens {n}: {exc}") from None
+    check_budgets(model, budgets)
     batcher = run_batcher(run)
     device = next(model.parameters()).device
     image_token = recipe.image_token_id(model)

@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import flexproj
 from flexproj.recipes.config import parse_args
 from flexproj.recipes.evaluate import evaluate
 from flexproj.recipes.family import get_recipe
@@ -144,3 +146,45 @@ def test_bad_model_args_are_refused_when_the_model_loads(converted, extra, messa
     _root, run, _questions = converted
     with pytest.raises(LmmsEvalError, match=re.escape(message)):
         FlexprojLMM(pretrained="tiny:llava", projector=str(run), device="cpu", **extra)
+
+
+def test_loglikelihood_scores_the_greedy_answer_as_generate_does(converted, tmp_path):
+    """``loglikelihood`` (teacher-forced, one forward) against the scores ``generate``
+    gave its own greedy tokens (step by step, with a KV cache): the same log-probability,
+    flagged greedy; another continuation is not greedy."""
+    from lmms_eval.api.instance import Instance
+
+    from flexproj.integrations.lmms_eval import FlexprojLMM, doc_to_visual, write_task
+
+    _root, run, questions = converted
+    docs = [json.loads(x) for x in write_task(questions, tmp_path).with_suffix(".jsonl").read_text().splitlines()]  # fmt: skip
+    lm = FlexprojLMM(pretrained="tiny:llava", projector=str(run), tokens="4", device="cpu")
+    lm.task_dict = {"t": {"test": docs}}
+
+    def request(kind, second, i):
+        meta = {"task": "t", "doc_id": i, "repeats": 1}
+        return Instance(kind, (docs[i]["question"], second, doc_to_visual, i, "t", "test"), 0, meta)
+
+    for i in range(2):
+        example = lm._example(docs[i]["question"], doc_to_visual(docs[i]))
+        with flexproj.tokens(4), torch.no_grad():
+            prompts, _ = lm.batcher.generation_batch([example])
+            out = lm.run.model.generate(**prompts, max_new_tokens=3, do_sample=False,
+                                        output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        new = out.sequences[0, prompts["input_ids"].shape[1] :]
+        assert not set(new.tolist()) & set(lm.stop)  # three answer tokens, no end of turn
+        reference = sum(
+            float(torch.log_softmax(s[0].float(), -1)[t])
+            for s, t in zip(out.scores, new, strict=True)
+        )
+        answer = lm.generate_until([request("generate_until", {"max_new_tokens": 3}, i)])[0]
+        assert (
+            lm.run.processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            == new.tolist()
+        )
+        (logp, greedy), (other_logp, other_greedy) = lm.loglikelihood(
+            [request("loglikelihood", answer, i),
+             request("loglikelihood", "purple " + answer, i)]
+        )  # fmt: skip
+        assert greedy and logp == pytest.approx(reference, abs=1e-4)
+        assert not other_greedy and other_logp < 0

@@ -85,19 +85,6 @@ def _ladder(value: Any) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
-def _check_budgets(model: Any, budgets: Sequence[int]) -> None:
-    from flexproj.errors import BudgetError
-    from flexproj.registry import adapter_for
-
-    adapter = adapter_for(model)
-    native = adapter.native_tokens(model)
-    for n in budgets:
-        try:
-            adapter.check_budget(n, native)
-        except BudgetError as exc:
-            raise LmmsEvalError(f"tokens {n}: {exc}") from None
-
-
 def _to(batch: Any, device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -129,7 +116,7 @@ class FlexprojLMM(lmms):
                 f"unknown --model_args {sorted(unknown)}: flexproj takes pretrained, projector, "
                 "tokens, family, dtype, device, max_new_tokens, ladder, threshold, tokens_log"
             )
-        from flexproj.recipes.evaluate import EvalRun, load_run, run_batcher
+        from flexproj.recipes.evaluate import EvalRun, check_budgets, load_run, run_batcher
         from flexproj.recipes.family import get_recipe, recipe_for_model
 
         self.tokens = _budget(tokens)
@@ -148,7 +135,11 @@ class FlexprojLMM(lmms):
             model.to(target).eval()
             run = EvalRun(pretrained, Path(pretrained), model, processor, recipe)
         self.run = run
-        _check_budgets(run.model, self.ladder if self.tokens == "auto" else (int(self.tokens),))
+        budgets = self.ladder if self.tokens == "auto" else (int(self.tokens),)
+        try:
+            check_budgets(run.model, budgets, flag="tokens")
+        except FlexprojError as exc:
+            raise LmmsEvalError(str(exc)) from None
         self.batcher = run_batcher(run)
         self.stop = run.recipe.stop_token_ids(run.processor)
         self.device = target
