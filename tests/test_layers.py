@@ -51,7 +51,13 @@ def layer(module: str) -> str | None:
 
     if under("flexproj.cli") or under("flexproj.commands"):
         return "cli"
-    tops = ("flexproj.demo", "flexproj.bench", "flexproj.integrations", "flexproj.serving", "serving")
+    tops = (
+        "flexproj.demo",
+        "flexproj.bench",
+        "flexproj.integrations",
+        "flexproj.serving",
+        "serving",
+    )
     if any(under(p) for p in tops):
         return "top"
     if under("flexproj.adapters"):
