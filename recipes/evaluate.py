@@ -47,10 +47,12 @@ __all__ = [
     "EvalRun",
     "auto_point",
     "auto_sweep",
+    "check_budgets",
     "evaluate",
     "evaluate_model",
     "load_run",
     "normalize_answer",
+    "run_batcher",
     "write_report",
 ]
 
@@ -136,6 +138,34 @@ def load_run(
     return EvalRun(label or path.name, path, base, processor, recipe, info, keep)
 
 
+def check_budgets(model: Model, budgets: Sequence[int], flag: str = "--tokens") -> None:
+    """Raise :class:`BudgetError` naming the first budget ``model`` cannot serve."""
+    from flexproj.registry import adapter_for
+
+    adapter = adapter_for(model)
+    native = adapter.native_tokens(model)
+    for n in budgets:
+        try:
+            adapter.check_budget(n, native)
+        except BudgetError as exc:
+            raise BudgetError(f"{flag} {n}: {exc}") from None
+
+
+def run_batcher(run: EvalRun) -> Any:
+    """The :class:`~flexproj.recipes.data.Batcher` that formats prompts as ``run`` was
+    trained (prompt format, system prompt and padding from its ``recipe.json``)."""
+    from flexproj.recipes.data import Batcher
+
+    recipe, processor, info = run.recipe, run.processor, run.info
+    return Batcher(
+        recipe,
+        processor,
+        prompt_format=recipe.resolve_prompt_format(processor, info.get("prompt_format", "auto")),
+        system_prompt=info.get("system_prompt"),
+        pad_to_square=bool(info.get("pad_to_square", recipe.use_pad_to_square(run.model, None))),
+    )
+
+
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -165,25 +195,10 @@ def evaluate_model(
     """
     from tqdm.auto import tqdm
 
-    from flexproj.recipes.data import Batcher
-    from flexproj.registry import adapter_for
-
     say = log or tqdm.write
-    model, processor, recipe, info = run.model, run.processor, run.recipe, run.info
-    adapter = adapter_for(model)
-    native = adapter.native_tokens(model)
-    for n in budgets:
-        try:
-            adapter.check_budget(n, native)
-        except BudgetError as exc:
-            raise BudgetError(f"--tokens {n}: {exc}") from None
-    batcher = Batcher(
-        recipe,
-        processor,
-        prompt_format=recipe.resolve_prompt_format(processor, info.get("prompt_format", "auto")),
-        system_prompt=info.get("system_prompt"),
-        pad_to_square=bool(info.get("pad_to_square", recipe.use_pad_to_square(model, None))),
-    )
+    model, processor, recipe = run.model, run.processor, run.recipe
+    check_budgets(model, budgets)
+    batcher = run_batcher(run)
     device = next(model.parameters()).device
     image_token = recipe.image_token_id(model)
     tokenizer = processor.tokenizer

@@ -7,10 +7,13 @@ progress bars all from ``Trainer`` (every ``TrainingArguments`` flag passes thro
 
 Why tokenisation happens inside the training step: the number of image placeholders in
 ``input_ids`` depends on the budget N. So the data collator returns raw examples, and
-:meth:`FlexTrainer.compute_loss` draws ``N = schedule.budget_at(state.global_step)``
-(a pure function of the seed and the optimiser step: the same on every rank, the same
-for every micro-batch of a step under gradient accumulation, and the same after a
-resume), then runs the patched processor *and* the model inside ``flexproj.tokens(N)``.
+:meth:`FlexTrainer.compute_loss` takes the budgets of its micro-batch from
+``schedule.budgets_for(state.global_step, batch_size, first)`` (:meth:`FlexTrainer.sample_budgets`):
+one N per optimiser step, or with ``--per_sample`` one N per sample drawn by its index in
+the step's global batch. Either is a pure function of the seed, the optimiser step and
+the sample's index: the same on every rank, the same for every micro-batch of a step under
+gradient accumulation, and the same after a resume. It then runs the patched processor
+*and* the model inside ``flexproj.tokens(...)`` (one budget, or one per image).
 The loss is the model's causal-LM loss on answer tokens only (labels are -100 on the
 prompt, the image placeholders and padding), a mean per micro-batch.
 
@@ -31,6 +34,11 @@ Intermediate ``checkpoint-<step>/`` directories hold only the trainable paramete
 (``trainable.safetensors``), the projector, and ``Trainer``'s optimizer / scheduler / RNG
 state, so resuming continues the exact loss sequence. (Under FSDP / DeepSpeed the
 engine's own checkpoint format is used instead.)
+
+DeepSpeed ZeRO-3 (``--deepspeed recipes/zero3.json``): the process group is set up and
+the checkpoint loaded inside ``deepspeed.zero.Init`` (sharded as it loads: the
+TrainingArguments' HfDeepSpeedConfig is alive by then); saving gathers the full weights
+(``stage3_gather_16bit_weights_on_model_save``, checked before the model loads).
 """
 
 from __future__ import annotations
@@ -126,10 +134,6 @@ class FlexTrainer(Trainer):
         budget_dir = Path(str(self.args.output_dir)) / BUDGET_DIR
         budget_dir.mkdir(parents=True, exist_ok=True)
         self.budget_log = budget_dir / f"rank{self.args.process_index}.jsonl"
-
-    def budget_at(self, step: int) -> int:
-        """The vision-token budget of optimiser step ``step`` (0-based)."""
-        return self.schedule.budget_at(step)
 
     def compute_loss(
         self,
@@ -309,7 +313,61 @@ def _check_schedule(model: Model, schedule: TokenSchedule, log: Callable[[str], 
 
 def _count(model: Model) -> tuple[int, int]:
     params = list({id(p): p for p in model.parameters()}.values())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    numel = [getattr(p, "ds_numel", p.numel()) for p in params]  # ZeRO-3: the full size
+    return sum(n for n, p in zip(numel, params, strict=True) if p.requires_grad), sum(numel)
+
+
+def _zero3(training_args: TrainingArguments) -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(training_args.deepspeed) and is_deepspeed_zero3_enabled()
+
+
+def _check_zero3(config: RecipeConfig, training_args: TrainingArguments) -> None:
+    """What ZeRO-3 cannot do here, said before the model loads rather than after training."""
+    if not _zero3(training_args):
+        return
+    zero = training_args.hf_deepspeed_config.config.get("zero_optimization", {})
+    if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise ConfigError(
+            f"--deepspeed {training_args.deepspeed}: ZeRO-3 shards the weights, and the trained "
+            'projector is saved from the gathered ones: set "zero_optimization": '
+            '{"stage3_gather_16bit_weights_on_model_save": true} in the DeepSpeed config '
+            "(recipes/zero3.json has it)"
+        )
+    if config.init == "distill":
+        raise ConfigError(
+            "--init distill runs the model outside the DeepSpeed engine, which ZeRO-3's sharded "
+            "weights do not allow: distill without --deepspeed (or under ZeRO-2) and pass the "
+            "result as --init DIR"
+        )
+
+
+def _prepare_zero3(training_args: TrainingArguments) -> None:
+    """Under ZeRO-3 transformers builds the model inside ``deepspeed.zero.Init`` (the
+    TrainingArguments' HfDeepSpeedConfig is alive), which shards every parameter as it is
+    created and checks the batch sizes against DeepSpeed's world size. On CPU processes
+    accelerate sets up torch's process group but not DeepSpeed's (it waits for
+    ``deepspeed.initialize``), so DeepSpeed would count one process: set it up first."""
+    if not _zero3(training_args) or training_args.world_size < 2:
+        return
+    import torch.distributed as dist
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+
+def _full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of ``tensors`` with ZeRO-3 partitioned parameters gathered to their full
+    values (a collective: every rank calls it); plain tensors are copied as they are."""
+    sharded = [t for t in tensors.values() if hasattr(t, "ds_id")]
+    if not sharded:
+        return {k: t.detach().clone() for k, t in tensors.items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded):
+        return {k: t.detach().clone() for k, t in tensors.items()}
 
 
 #: written last into a checkpoint by Trainer: a directory without it was cut off mid-save
@@ -404,41 +462,62 @@ def _save_final(
 # ----------------------------------------------------------------------------- entry points
 
 
-def train(
+def _load_base(
+    recipe: FamilyRecipe, config: RecipeConfig, training_args: TrainingArguments
+) -> tuple[Model, Any]:
+    """``recipe.load``, under ZeRO-3 too. A checkpoint loads inside ``deepspeed.zero.Init``
+    (sharded as it loads) with the random-number state left as a plain load leaves it (it
+    draws none), so the projector starts from the same weights as under DDP. A tiny model
+    is built in code, which ``zero.Init`` does not support (transformers initialises the
+    outer model after the inner ones were sharded): it is built whole on every rank, and
+    ``deepspeed.initialize`` shards it."""
+
+    def load() -> tuple[Model, Any]:
+        return recipe.load(
+            str(config.model),
+            dtype=config.dtype,
+            attn_implementation=config.attn_implementation,
+            processor_kwargs=config.processor_options(),
+            weights=config.weights,
+        )
+
+    if not _zero3(training_args):
+        return load()
+    from transformers.integrations.deepspeed import (
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    if not config.is_tiny:
+        with torch.random.fork_rng():
+            return load()
+    unset_hf_deepspeed_config()
+    try:
+        return load()
+    finally:
+        set_hf_deepspeed_config(training_args.hf_deepspeed_config)
+
+
+def _load_model(
     family: str,
+    recipe: FamilyRecipe,
     config: RecipeConfig,
     training_args: TrainingArguments,
-    *,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Run one recipe stage; returns a summary (also written to ``recipe.json``)."""
+    say: Callable[[str], None],
+) -> tuple[Model, Any, dict[str, torch.Tensor]]:
+    """The base model with its projector in place: ``(model, processor, stock projector
+    weights)`` (the stock weights in full, to put back into a saved full model)."""
     from transformers import set_seed
 
-    recipe = get_recipe(family)
-    is_main = training_args.process_index == 0
-    say: Callable[[str], None] = log or (print if is_main else (lambda _msg: None))
-    output_dir = Path(str(training_args.output_dir))
-
-    # 1. everything that can be checked without the model
-    dataset = ConversationDataset(config.data or "", config.image_folder, config.max_samples)
-    schedule = config.token_schedule(training_args.seed)
-    say(f"data: {len(dataset)} conversations from {config.data}")
-
-    # 2. model, projector, budgets
+    _prepare_zero3(training_args)
     set_seed(training_args.seed)
-    model, processor = recipe.load(
-        str(config.model),
-        dtype=config.dtype,
-        attn_implementation=config.attn_implementation,
-        processor_kwargs=config.processor_options(),
-        weights=config.weights,
-    )
+    model, processor = _load_base(recipe, config, training_args)
     model_type = model.config.model_type
     if model_type not in recipe.model_types:
         raise ConfigError(
             f"{config.model} is a {model_type!r} model, not one the {family} recipe trains"
         )
-    stock_keys = dict(model.state_dict())
+    stock_keys = model.state_dict(keep_vars=True)  # the parameters (ZeRO-3: still sharded)
     if config.projector == "stock":
         flexproj.patch(model, projector="stock")
         say("projector: the stock one, its outputs pooled to each step's budget")
@@ -448,23 +527,70 @@ def train(
         flexproj.from_pretrained(model, config.init, kernel=config.kernel)
         say(f"projector: loaded from {config.init}")
     patched_keys = set(model.state_dict())
-    stock_projector = {k: v for k, v in stock_keys.items() if k not in patched_keys}
-    del stock_keys
-    _check_schedule(model, schedule, say)
-    say(f"schedule: {dict(zip(schedule.tokens, schedule.probabilities, strict=True))} "
-        f"(expected {schedule.expected_tokens:.1f} vision tokens per {adapter_for(model).unit})")  # fmt: skip
+    stock_projector = _full_tensors({k: v for k, v in stock_keys.items() if k not in patched_keys})
+    return model, processor, stock_projector
 
-    prompt_format = recipe.resolve_prompt_format(processor, config.prompt_format)
+
+def _make_batcher(
+    recipe: FamilyRecipe,
+    model: Model,
+    processor: Any,
+    config: RecipeConfig,
+    dataset: ConversationDataset,
+) -> Batcher:
+    """The step's tokeniser, checked on the first conversations (template problems surface
+    now, not at step 10k)."""
     batcher = Batcher(
         recipe,
         processor,
-        prompt_format=prompt_format,
+        prompt_format=recipe.resolve_prompt_format(processor, config.prompt_format),
         system_prompt=config.system_prompt,
         pad_to_square=recipe.use_pad_to_square(model, config.pad_to_square),
         max_length=config.max_length,
     )
-    for record in dataset.records[:64]:  # template problems surface now, not at step 10k
+    for record in dataset.records[:64]:
         batcher.segments(record.messages)
+    return batcher
+
+
+def _start_logs(output_dir: Path, training_args: TrainingArguments, resume: Any) -> None:
+    """A fresh run starts fresh logs; a resumed one appends."""
+    if resume:
+        return
+    (output_dir / BUDGET_DIR / f"rank{training_args.process_index}.jsonl").unlink(missing_ok=True)
+    if training_args.process_index == 0:
+        (output_dir / TRAIN_LOG_NAME).unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def train(
+    family: str,
+    config: RecipeConfig,
+    training_args: TrainingArguments,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run one recipe stage; returns a summary (also written to ``recipe.json``)."""
+    recipe = get_recipe(family)
+    is_main = training_args.process_index == 0
+    say: Callable[[str], None] = log or (print if is_main else (lambda _msg: None))
+    output_dir = Path(str(training_args.output_dir))
+
+    # 1. everything that can be checked without the model
+    dataset = ConversationDataset(config.data or "", config.image_folder, config.max_samples)
+    schedule = config.token_schedule(training_args.seed)
+    _check_zero3(config, training_args)
+    say(f"data: {len(dataset)} conversations from {config.data}")
+
+    # 2. model, projector, budgets
+    model, processor, stock_projector = _load_model(family, recipe, config, training_args, say)
+    _check_schedule(model, schedule, say)
+    say(f"schedule: {dict(zip(schedule.tokens, schedule.probabilities, strict=True))} "
+        f"(expected {schedule.expected_tokens:.1f} vision tokens per {adapter_for(model).unit})")  # fmt: skip
+    batcher = _make_batcher(recipe, model, processor, config, dataset)
 
     # 3. warm start
     distill: dict[str, Any] | None = None
@@ -482,17 +608,17 @@ def train(
         model = _apply_lora(model, recipe, config)
     trainable, total = _count(model)
     say(f"stage {config.stage}{' (LoRA)' if config.lora else ''}: {trainable:,} of {total:,} "
-        f"parameters trainable; prompt format: {prompt_format}")  # fmt: skip
+        f"parameters trainable; prompt format: {batcher.prompt_format}")  # fmt: skip
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
     summary: dict[str, Any] = {
         "family": family,
         "model": config.model,
-        "model_type": model_type,
+        "model_type": model.config.model_type,
         "stage": config.stage,
         "lora": config.lora,
-        "prompt_format": prompt_format,
+        "prompt_format": batcher.prompt_format,
         "system_prompt": config.system_prompt,
         "pad_to_square": batcher.pad_to_square,
         "schedule": schedule.to_dict(),
@@ -501,20 +627,13 @@ def train(
     }
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RECIPE_NAME).write_text(
-            json.dumps({**summary, "status": "training"}, indent=2, default=str) + "\n"
-        )
+        _write_json(output_dir / RECIPE_NAME, {**summary, "status": "training"})
         if distill is not None:
-            (output_dir / DISTILL_NAME).write_text(json.dumps(distill, indent=2) + "\n")
+            _write_json(output_dir / DISTILL_NAME, distill)
 
-    # 5. train (a fresh run starts fresh logs; a resumed one appends)
+    # 5. train
     resume = _resume_arg(training_args.resume_from_checkpoint, output_dir)
-    if not resume:
-        (output_dir / BUDGET_DIR / f"rank{training_args.process_index}.jsonl").unlink(
-            missing_ok=True
-        )
-        if is_main:
-            (output_dir / TRAIN_LOG_NAME).unlink(missing_ok=True)
+    _start_logs(output_dir, training_args, resume)
     trainer = FlexTrainer(
         model=model,
         args=training_args,
@@ -542,7 +661,7 @@ def train(
         trainer.save_state()
         trainer.save_metrics("train", result.metrics)
         summary["status"] = "done"
-        (output_dir / RECIPE_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        _write_json(output_dir / RECIPE_NAME, summary)
         say(
             f"saved to {output_dir}: {', '.join(f'{k}={v}' for k, v in summary['outputs'].items())}"
         )
@@ -582,25 +701,30 @@ def _run_distill(
 
 def main(family: str, argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """Command-line entry: ``python -m flexproj.recipes.<family>`` / ``flexproj train <family>``."""
+    done = False
     try:
         recipe = get_recipe(family)
         config, training_args = parse_args(argv, recipe.stage_defaults, prog=prog)
         train(family, config, training_args)
+        done = True
     except FlexprojError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        _close_process_group()
+        _close_process_group(wait=done)
     return 0
 
 
-def _close_process_group() -> None:
+def _close_process_group(*, wait: bool) -> None:
     """Tear the process group down before exit: a gloo group left to the interpreter's
-    shutdown can abort a rank ("terminate called without an active exception")."""
+    shutdown can abort a rank ("terminate called without an active exception"). Only a
+    rank that finished waits for the others: one that failed may be alone in failing, and
+    a barrier would then hang every rank instead of letting the launcher stop the job."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

