@@ -259,3 +259,18 @@ def test_bench_budgets_quick(tmp_path):
     assert len(answered) == 8 and set(answered) <= {64, 144, 256}
     assert min(answered) == 64 and max(answered) > 64
     assert "patched / direct prefill" in (out / "results.md").read_text()
+
+
+def test_run_command_passes_each_option_by_parameter_name(tmp_path):
+    import argparse
+
+    from flexproj.bench.report import run_command
+
+    def runner(*, text_hidden, quick, threads, log=print):
+        return {"bench": "probe", "environment": {}, "got": [text_hidden, quick, threads]}
+
+    args = argparse.Namespace(text_hidden=7, quick=True, threads=None, out=str(tmp_path), x=1)
+    assert run_command(args, runner, lambda p: f"{p['got']}\n") == 0
+    assert json.loads((tmp_path / "results.json").read_text())["got"] == [7, True, None]
+    with pytest.raises(TypeError, match=r"\['quick'\]"):  # never a silent default
+        run_command(argparse.Namespace(text_hidden=7, threads=None, out=None), runner, str)
