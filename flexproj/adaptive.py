@@ -42,7 +42,9 @@ class AdaptiveOutput:
     confidences: list[float]
     #: every rung each sample went through: [(budget, confidence), ...]
     history: list[list[tuple[int, float]]] = field(default_factory=list)
-    #: images the vision tower encoded / answered from its cache over the whole ladder
+    #: vision-tower cache entries computed / answered from the cache over the whole ladder:
+    #: one per crop (LLaVA-NeXT/OneVision) or tile (InternVL), one per image for LLaVA-1.5
+    #: and Qwen-VL, so a tiled image counts once per tile
     images_encoded: int = 0
     images_reused: int = 0
 

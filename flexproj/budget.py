@@ -3,7 +3,8 @@
 A :class:`contextvars.ContextVar` holds it, so each thread and each asyncio task sees
 its own value, and nested blocks restore the outer one on exit. Patched models and
 processors read it through :func:`current_tokens`; outside any block a patched model
-takes the budget its inputs were built with (see ``FamilyAdapter.infer_budget``), and
+takes the budget its inputs were built with (recorded when the patched processor built
+them: the inputs ledger in :mod:`flexproj.family`), and
 a patched processor the default given to :func:`flexproj.patch`.
 
 ``tokens(n)`` is also a decorator, for plain functions, coroutine functions and
