@@ -107,3 +107,35 @@ def test_a_reshape_with_the_same_bytes_is_refused(half_checkpoint, tmp_path):
     model, _ = tiny_vlm("llava")
     with pytest.raises(flexproj.CheckpointError, match="content hash"):
         flexproj.from_pretrained(model, bad)
+
+
+# --------------------------------------------------------------------------- refused contents
+
+
+def test_integer_tensors_are_refused_at_load(half_checkpoint, tmp_path):
+    """An int tensor would be cast into the float weights without a word."""
+    _, text, tensors = half_checkpoint
+    name = weight_name(tensors)
+    ints = {**tensors, name: tensors[name].round().to(torch.int32)}
+    bad = rewrite(tmp_path / "ints", text, ints, content_hash(text, ints))  # a valid hash
+    model, _ = tiny_vlm("llava")
+    with pytest.raises(flexproj.CheckpointError, match=rf"{name}.*dtype torch.int32, not float"):
+        flexproj.from_pretrained(model, bad)
+    assert not flexproj.is_patched(model)
+
+
+@pytest.mark.parametrize("edit", ["shape", "missing", "extra"])
+def test_a_state_dict_that_does_not_match_the_projector_is_refused(tmp_path, edit):
+    model, processor = tiny_vlm("llava")
+    flexproj.patch(model, processor, tokens=4)
+    state = {k: v.clone() for k, v in flexproj.get_projector(model).state_dict().items()}
+    name = weight_name(state)
+    if edit == "shape":
+        state[name] = state[name][:-1]
+    elif edit == "missing":
+        del state[name]
+    else:
+        state["extra.weight"] = torch.zeros(2)
+    with pytest.raises(flexproj.CheckpointError, match="state_dict does not match the projector"):
+        flexproj.save_pretrained(model, tmp_path / "ckpt", state_dict=state)
+    assert not (tmp_path / "ckpt" / WEIGHTS_NAME).exists()
