@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from test_onevision_anyres_max import PackedLengths  # the shared recorder
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
@@ -80,29 +81,17 @@ TINY_CASES = [
 ]
 
 
-class PackedLengths:
-    """Wraps ``base.pack_image_features`` (stock or patched) to record its lengths."""
-
-    def __init__(self, base):
-        self.lengths: list[int] = []
-        inner = base.pack_image_features
-
-        def recording(*args, **kwargs):
-            packed, lens = inner(*args, **kwargs)
-            self.lengths.extend(lens.tolist())
-            return packed, lens
-
-        base.pack_image_features = recording
-
-
 def run(model, processor, sizes):
     prompt = f"{IMAGE_PLACEHOLDER['llava_onevision']} what is it ?"
     inputs = processor(
         text=[prompt] * len(sizes), images=tiny_images(sizes), return_tensors="pt", padding=True
     )
     recorder = PackedLengths(model.model)
-    with torch.no_grad():
-        model(**inputs)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        recorder.close()
     placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
     return placeholders, recorder.lengths
 
