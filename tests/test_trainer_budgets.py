@@ -4,6 +4,8 @@ to its own sample's draw; without it, every image to the step's draw."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import flexproj
@@ -80,3 +82,8 @@ def test_without_per_sample_every_image_runs_at_the_steps_draw(data, tmp_path, r
     for step, images, tokens in ran:
         assert tokens == [schedule.budget_at(step)] * sum(images)
     assert len({schedule.budget_at(s) for s in range(3)}) > 1  # the steps differ
+    # one budget per logged step: logged as that int, not a mean of equal draws (144.0)
+    lines = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    logged = [x["tokens"] for x in lines if "loss" in x]
+    assert logged == [schedule.budget_at(s) for s in range(3)]
+    assert all(type(t) is int for t in logged), logged
