@@ -43,8 +43,9 @@ with older transformers 5.x. It is installed with ``functools.wraps`` of the ori
 so ``inspect.signature`` (which ``generate()`` uses to choose its kwargs) is the stock
 one. The projector slot still gets a module, :class:`TileGridProjector`,
 holding the FlexProjector, so the projector is a registered submodule (``.to()``,
-``parameters()``, ``state_dict()``) and the stock projector leaves the module tree
-until :func:`flexproj.unpatch` puts it back.
+``parameters()``, ``state_dict()``). The stock projector stays in the module tree inside
+it, as ``.stock`` (it follows ``.to()``; ``flexproj.disabled`` runs it, and
+:func:`flexproj.unpatch` puts it back in the slot).
 
 CLS: InternViT always prepends one. ``"default"`` drops it as upstream does; under
 ``"full"`` it is kept by the strategy but it is not a grid cell, so TileGridProjector

@@ -51,7 +51,7 @@ from flexproj.state import STATE_ATTR, PatchState, state_of
 
 
 class GridSlotProjector(nn.Module):
-    """Stands in the projector slot: ``(crops, L, C) -> (crops, n, out_dim)``.
+    """Stands in the projector slot: ``(crops, L, C)`` in; out, see :meth:`forward`.
 
     ``L`` is the tower's square patch grid, plus one leading CLS token when the tower
     has one and the ``"full"`` strategy kept it (dropped here, explicitly). The stock
@@ -72,6 +72,11 @@ class GridSlotProjector(nn.Module):
         return f"grid={self.side}x{self.side}, has_cls={self.has_cls}"
 
     def forward(self, features: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """``features (rows, L, C)``, a row per image (LLaVA-1.5) or crop (AnyRes). Returns
+        ``(rows, n, out_dim)`` when every row has one budget (the stock projector's own
+        output when flexproj is disabled); with per-image budgets, a list of ``(n_i,
+        out_dim)`` (LLaVA-1.5) or ``(rows, max n_i, out_dim)`` zero-padded (AnyRes: the
+        packer trims each image to its count)."""
         state = state_of(self)
         if state is None or not state.enabled:
             return self.stock(features)

@@ -43,9 +43,9 @@ class AdaptiveOutput:
     confidences: list[float]
     #: every rung each sample went through: [(budget, confidence), ...]
     history: list[list[tuple[int, float]]] = field(default_factory=list)
-    #: cache entries the vision tower computed / answered from its cache over the whole
-    #: ladder: a crop (LLaVA-NeXT, OneVision), a tile (InternVL) or a whole image (LLaVA-1.5,
-    #: Qwen), as the tower sees them
+    #: vision-tower cache entries computed / answered from the cache over the whole ladder:
+    #: one per crop (LLaVA-NeXT/OneVision) or tile (InternVL), one per image for LLaVA-1.5
+    #: and Qwen-VL, so a tiled image counts once per tile
     images_encoded: int = 0
     images_reused: int = 0
 

@@ -277,3 +277,71 @@ def test_bench_gemma4_quick(tmp_path):
         assert r["native_patches"] < r["pooled_patches"] == encode["tower_patches"]
         assert r["tokens"] < encode["tokens"] and positive(r["pooled_over_native_time"])
     assert main(["bench", "gemma4", "--quick", "--encode-budget", "100"]) == 2
+
+def test_run_command_passes_each_option_by_parameter_name(tmp_path):
+    import argparse
+
+    from flexproj.bench.report import run_command
+
+    def runner(*, text_hidden, quick, threads, log=print):
+        return {"bench": "probe", "environment": {}, "got": [text_hidden, quick, threads]}
+
+    args = argparse.Namespace(text_hidden=7, quick=True, threads=None, out=str(tmp_path), x=1)
+    assert run_command(args, runner, lambda p: f"{p['got']}\n") == 0
+    assert json.loads((tmp_path / "results.json").read_text())["got"] == [7, True, None]
+    with pytest.raises(TypeError, match=r"\['quick'\]"):  # never a silent default
+        run_command(argparse.Namespace(text_hidden=7, threads=None, out=None), runner, str)
+
+
+def test_ratio_by_hand():
+    from flexproj.bench.report import ratio
+
+    assert ratio(3.0, 2.0) == 1.5 and ratio(1.0, 3.0) == 0.3333
+    assert ratio(None, 2.0) is None and ratio(2.0, None) is None and ratio(2.0, 0.0) is None
+
+
+def _timed(median, **extra):
+    return {"status": "ok", "fwd": {"median_ms": median}, "fwd_bwd": {"median_ms": 2 * median},
+            **extra}  # fmt: skip
+
+
+def test_kernel_ratios_by_hand():
+    """Each ratio is the row's median over its reference's, from hand-set medians."""
+    shape = kbench.SHAPES["llava15"]
+    backends = {"eager": _timed(4.0), "compile": _timed(2.0)}
+    floor, stock = _timed(1.0), _timed(8.0)
+    after = _timed(16.0, n_out=144)
+    kbench._add_ratios(backends, floor, stock, after, shape)
+    assert backends["compile"]["ratios"] == {
+        "fwd_floor": 2.0, "fwd_bwd_floor": 2.0, "fwd_eager": 0.5, "fwd_bwd_eager": 0.5,
+        "fwd_stock": 0.25, "fwd_bwd_stock": 0.25,
+    }  # fmt: skip
+    # pool-first is the eager backend: 4 / 16 of pool-after; the ideal is N / grid tokens
+    assert after["ratios"] == {
+        "ideal_pool_first_over_after": round(144 / shape.grid_tokens, 4),
+        "fwd_pool_first_over_after": 0.25,
+        "fwd_bwd_pool_first_over_after": 0.25,
+    }
+    assert floor["ratios"] == {"fwd_stock": 0.125, "fwd_bwd_stock": 0.125}
+
+
+def test_e2e_ratios_by_hand():
+    """The LLM's prefill is prefill less the vision tower; every ratio is against stock."""
+    from flexproj.bench.e2e import _add_stock_ratios
+
+    def row(prompt, vision_tokens, prefill, vision, decode, kv):
+        return {"prompt_tokens": prompt, "vision_tokens": vision_tokens,
+                "prefill": {"median_ms": prefill}, "vision": {"median_ms": vision},
+                "decode_per_token": {"median_ms": decode}, "kv_bytes": kv}  # fmt: skip
+
+    rows = [row(600, 576, 100.0, 20.0, 10.0, 6000), row(88, 64, 30.0, 10.0, 8.0, 880)]
+    _add_stock_ratios(rows)
+    assert rows[1]["ratios"] == {
+        "ideal_prefill": round(88 / 600, 4),
+        "vision_tokens": round(64 / 576, 4),
+        "prefill": 0.3,
+        "llm_prefill": 0.25,  # (30 - 10) / (100 - 20)
+        "decode_per_token": 0.8,
+        "kv_bytes": round(880 / 6000, 4),
+    }
+    assert set(rows[0]["ratios"].values()) == {1.0}

@@ -7,6 +7,7 @@ import stat
 import warnings
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 import flexproj
 import flexproj.checkpoint
 from flexproj.checkpoint import CONFIG_KEY, CONFIG_NAME, HASH_KEY, WEIGHTS_NAME, content_hash
-from flexproj.testing import tiny_vlm
+from flexproj.testing import tiny_images, tiny_vlm
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +327,37 @@ def test_state_dict_keeps_the_patched_tree_and_the_stock_save_has_stock_names(fa
     model.save_pretrained(tmp_path / "model")
     reloaded = type(model).from_pretrained(tmp_path / "model")
     assert all(torch.equal(v, stock[k]) for k, v in reloaded.state_dict().items())
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "expected"),
+    [
+        ("projector", "eps", 0.0, "a positive finite number"),  # LayerNorm would divide by 0
+        ("projector", "eps", -1e-6, "a positive finite number"),
+        ("projector", "hidden_dim", 0, "a positive int"),
+        (None, "default_tokens", 0, "a positive int"),
+        (None, "native_tokens", 0, "a positive int or null"),
+    ],
+)
+def test_a_field_at_its_bound_is_refused(original, tmp_path, section, field, value, expected):
+    text, tensors, _ = original
+    config = json.loads(text)
+    (config[section] if section else config)[field] = value
+    directory = write_checkpoint(tmp_path, json.dumps(config), tensors, "recompute")
+    name = f"{section}.{field}" if section else field
+    with pytest.raises(flexproj.CheckpointError, match=rf"{name} must be {expected}, got"):
+        load(directory)
+
+
+def test_an_unpatched_model_with_a_smaller_grid_loads_at_its_native_count(tmp_path):
+    """A default of 64 (saved from the 8x8 grid) is more than a 4x4-grid model serves:
+    loading onto it patches at its native 16 tokens, the processor counting 16."""
+    model, _ = tiny_vlm("llava")
+    flexproj.patch(model, tokens=64)
+    directory = flexproj.save_pretrained(model, tmp_path / "ckpt")
+    small, processor = tiny_vlm("llava", vision_config={"image_size": 32})  # 4 x 4 grid
+    flexproj.from_pretrained(small, directory, processor)
+    assert flexproj.patch_info(small).default_tokens == 16
+    inputs = processor(text=["<image> what ?"], images=tiny_images([(32, 32)]), return_tensors="pt")
+    assert int((inputs["input_ids"] == small.config.image_token_id).sum()) == 16
+    with torch.no_grad():
+        assert torch.isfinite(small(**inputs).logits).all()

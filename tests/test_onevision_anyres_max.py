@@ -17,11 +17,12 @@ PROMPT = f"{IMAGE_PLACEHOLDER['llava_onevision']} what is it ?"
 
 
 class PackedLengths:
-    """Records the per-image feature counts the (patched) ``pack_image_features`` returns."""
+    """Records the per-image feature counts ``pack_image_features`` returns (the patched
+    one, or the stock one of an unpatched model)."""
 
     def __init__(self, base):
         self.base, self.lengths = base, []
-        self.override = vars(base)["pack_image_features"]  # flexproj's, on the instance
+        self.override = vars(base).get("pack_image_features")  # flexproj's, on the instance
         inner = base.pack_image_features
 
         def recording(*args, **kwargs):
@@ -32,7 +33,10 @@ class PackedLengths:
         base.pack_image_features = recording
 
     def close(self):
-        self.base.pack_image_features = self.override
+        if self.override is None:
+            del self.base.pack_image_features
+        else:
+            self.base.pack_image_features = self.override
 
 
 @pytest.fixture(scope="module", params=["anyres_max_1", "anyres_max_2"])

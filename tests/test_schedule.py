@@ -104,3 +104,20 @@ def test_per_sample_draws_are_a_function_of_seed_step_and_index():
     assert any(len({table[s, i] for i in range(8)}) > 1 for s in range(50))  # batches mix
     step_wise = TokenSchedule(seed=5)
     assert step_wise.budgets_for(7, 3, first=2) == [step_wise.budget_at(7)] * 3
+
+
+def test_max_and_expected_tokens_by_hand():
+    """max_tokens is the largest budget that can be drawn (a zero weight is never drawn)."""
+    s = TokenSchedule((64, 144, 256), (1.0, 1.0, 0.0))
+    assert s.max_tokens == 144
+    assert {s.budget_at(k) for k in range(500)} == {64, 144}  # the draws agree
+    assert s.expected_tokens == pytest.approx((64 + 144) / 2)
+    assert TokenSchedule().expected_tokens == pytest.approx((2 * 64 + 3 * 144 + 5 * 256) / 10)
+
+
+def test_fixed_keeps_its_seed():
+    """The seed goes into checkpoints (``to_dict``) and per-sample draws."""
+    s = TokenSchedule.fixed(64, seed=7)
+    assert s.seed == 7 and s.to_dict() == {
+        "tokens": [64], "weights": [1.0], "seed": 7, "per_sample": False,
+    }  # fmt: skip

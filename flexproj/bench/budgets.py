@@ -32,7 +32,7 @@ from flexproj.bench.report import (
     fmt_ratio,
     markdown_table,
     ratio,
-    run_and_write,
+    run_command,
     set_threads,
 )
 
@@ -201,14 +201,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_and_write(
-        args.out,
-        lambda: run_budgets(
-            quick=args.quick,
-            repeats=args.repeats,
-            text_layers=args.text_layers,
-            new_tokens=args.new_tokens,
-            threads=args.threads,
-        ),
-        render,
-    )
+    return run_command(args, run_budgets, render)

@@ -40,7 +40,7 @@ from flexproj.bench.report import (
     markdown_table,
     pick_device,
     ratio,
-    run_and_write,
+    run_command,
     set_threads,
 )
 from flexproj.bench.timing import Stopwatch, summarize
@@ -176,6 +176,118 @@ def image_token_id(model: Any, processor: Any) -> int:
     return int(model.config.image_token_index)
 
 
+def _variants(spec: BenchShape, tokens: Sequence[int]) -> list[tuple[str, int | None]]:
+    """``(label, budget)`` of each timed variant: the stock model (budget None), then the
+    native budget and each of ``tokens`` the grid can serve."""
+    variants: list[tuple[str, int | None]] = [("stock", None)]
+    variants += [(f"N={n}", n) for n in [spec.native_budget, *tokens] if n <= spec.native_budget]
+    return list(dict.fromkeys(variants))  # native budget may also be in tokens
+
+
+def _time_variants(
+    model: Any,
+    variants: Sequence[tuple[str, int | None]],
+    inputs: dict[str, dict[str, torch.Tensor]],
+    *,
+    decode_tokens: int,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+) -> dict[str, _Samples]:
+    """Every variant gets one vision call and one generate call per round, rounds rotating
+    the order, so drifting machine load hits all alike. The stock variant runs inside
+    ``flexproj.disabled(model)`` (no unpatching)."""
+    import contextlib
+
+    import flexproj
+
+    def variant(budget: int | None) -> contextlib.AbstractContextManager[Any]:
+        return flexproj.disabled(model) if budget is None else flexproj.tokens(budget)
+
+    samples = {label: _Samples() for label, _ in variants}
+    watch = Stopwatch(device)
+    for r in range(max(1, warmup) + repeats):
+        shift = r % len(variants)
+        for label, budget in [*variants[shift:], *variants[:shift]]:
+            acc = samples[label]
+            with variant(budget):
+                vision_s = _vision_once(model, inputs[label], watch)
+                stamps, out = _generate_once(model, inputs[label], decode_tokens, watch)
+            if r == 0:
+                acc.first_vision, acc.first_prefill = vision_s, stamps[0]
+                continue
+            acc.vision.append(vision_s)
+            acc.prefill.append(stamps[0])
+            acc.decode.extend(stamps[1:])
+            acc.cache = out.past_key_values
+            acc.generated = int(out.sequences.shape[1] - inputs[label]["input_ids"].shape[1])
+    return samples
+
+
+def _variant_row(
+    family: str,
+    label: str,
+    budget: int | None,
+    acc: _Samples,
+    ids: torch.Tensor,
+    image_id: int,
+    warmup: int,
+) -> dict[str, Any]:
+    """One variant's timings, token counts and KV-cache bytes (``ids``: its input ids)."""
+    vision_tokens = int((ids[0] == image_id).sum())
+    prompt_len = int(ids.shape[1])
+    return {
+        "family": family,
+        "variant": label,
+        "budget": budget,
+        "vision_tokens": vision_tokens,
+        "prompt_tokens": prompt_len,
+        "text_tokens": prompt_len - vision_tokens,
+        "batch": int(ids.shape[0]),
+        "vision": summarize(acc.vision, warmup=warmup, first_s=acc.first_vision).to_dict(),
+        "prefill": summarize(acc.prefill, warmup=warmup, first_s=acc.first_prefill).to_dict(),
+        "decode_per_token": summarize(acc.decode).to_dict() if acc.decode else None,
+        "kv_bytes": kv_cache_bytes(acc.cache, prompt_len),
+        "kv_bytes_final": kv_cache_bytes(acc.cache),
+        "generated": acc.generated,
+    }
+
+
+def _add_stock_ratios(rows: Sequence[dict[str, Any]]) -> None:
+    """Each row's ratios to the stock row (the first)."""
+    stock = rows[0]
+    for row in rows:
+        row["ratios"] = {
+            "ideal_prefill": round(row["prompt_tokens"] / stock["prompt_tokens"], 4),
+            "vision_tokens": round(row["vision_tokens"] / max(stock["vision_tokens"], 1), 4),
+            "prefill": ratio(row["prefill"]["median_ms"], stock["prefill"]["median_ms"]),
+            "llm_prefill": ratio(
+                row["prefill"]["median_ms"] - row["vision"]["median_ms"],
+                stock["prefill"]["median_ms"] - stock["vision"]["median_ms"],
+            ),
+            "decode_per_token": ratio(
+                (row["decode_per_token"] or {}).get("median_ms"),
+                (stock["decode_per_token"] or {}).get("median_ms"),
+            ),
+            "kv_bytes": round(row["kv_bytes"] / max(stock["kv_bytes"], 1), 4),
+        }
+
+
+def _model_summary(model: Any, spec: BenchShape, vision_layers: int) -> dict[str, Any]:
+    text = model.config.text_config
+    return {
+        "class": type(model).__name__,
+        "text_hidden": text.hidden_size,
+        "text_layers": text.num_hidden_layers,
+        "text_heads": text.num_attention_heads,
+        "text_kv_heads": getattr(text, "num_key_value_heads", None),
+        "vision_layers": vision_layers,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "image": list(spec.image),
+        "native_budget": spec.native_budget,
+    }
+
+
 def _bench_family(
     spec: BenchShape,
     *,
@@ -193,8 +305,6 @@ def _bench_family(
     quick: bool,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    import contextlib
-
     import flexproj
     from flexproj.testing import tiny_images, tiny_vlm
 
@@ -216,103 +326,39 @@ def _bench_family(
             if isinstance(v, torch.Tensor)
         }
 
-    # Every variant (stock, then each budget) gets one vision call and one generate call
-    # per round, rounds rotating the order, so drifting machine load hits all alike.
-    # The stock variant runs inside flexproj.disabled(model) (no unpatching); the inputs
-    # of each variant are built once, up front.
-    variants: list[tuple[str, int | None]] = [("stock", None)]
-    variants += [(f"N={n}", n) for n in [spec.native_budget, *tokens] if n <= spec.native_budget]
-    variants = list(dict.fromkeys(variants))  # native budget may also be in tokens
+    # the inputs of each variant are built once, up front
+    variants = _variants(spec, tokens)
     inputs: dict[str, dict[str, torch.Tensor]] = {"stock": build_inputs()}
     flexproj.patch(model, processor, tokens=spec.native_budget)
     for label, budget in variants[1:]:
         assert budget is not None
         with flexproj.tokens(budget):
             inputs[label] = build_inputs()
-
-    def variant(budget: int | None) -> contextlib.AbstractContextManager[Any]:
-        return flexproj.disabled(model) if budget is None else flexproj.tokens(budget)
-
-    samples = {label: _Samples() for label, _ in variants}
-    watch = Stopwatch(device)
     try:
-        for r in range(max(1, warmup) + repeats):
-            shift = r % len(variants)
-            for label, budget in [*variants[shift:], *variants[:shift]]:
-                acc = samples[label]
-                with variant(budget):
-                    vision_s = _vision_once(model, inputs[label], watch)
-                    stamps, out = _generate_once(model, inputs[label], decode_tokens, watch)
-                if r == 0:
-                    acc.first_vision, acc.first_prefill = vision_s, stamps[0]
-                    continue
-                acc.vision.append(vision_s)
-                acc.prefill.append(stamps[0])
-                acc.decode.extend(stamps[1:])
-                acc.cache = out.past_key_values
-                acc.generated = int(out.sequences.shape[1] - inputs[label]["input_ids"].shape[1])
+        samples = _time_variants(
+            model, variants, inputs, decode_tokens=decode_tokens, warmup=warmup,
+            repeats=repeats, device=device,
+        )  # fmt: skip
     finally:
         flexproj.unpatch(model)
 
     rows = []
     for label, budget in variants:
-        acc = samples[label]
-        ids = inputs[label]["input_ids"]
-        vision_tokens = int((ids[0] == image_id).sum())
-        prompt_len = int(ids.shape[1])
-        row: dict[str, Any] = {
-            "family": spec.family,
-            "variant": label,
-            "budget": budget,
-            "vision_tokens": vision_tokens,
-            "prompt_tokens": prompt_len,
-            "text_tokens": prompt_len - vision_tokens,
-            "batch": batch,
-            "vision": summarize(acc.vision, warmup=warmup, first_s=acc.first_vision).to_dict(),
-            "prefill": summarize(acc.prefill, warmup=warmup, first_s=acc.first_prefill).to_dict(),
-            "decode_per_token": summarize(acc.decode).to_dict() if acc.decode else None,
-            "kv_bytes": kv_cache_bytes(acc.cache, prompt_len),
-            "kv_bytes_final": kv_cache_bytes(acc.cache),
-            "generated": acc.generated,
-        }
+        row = _variant_row(
+            spec.family, label, budget, samples[label], inputs[label]["input_ids"], image_id, warmup
+        )
         dec = row["decode_per_token"]
         log(
-            f"  {spec.family:<16} {label:<7} vision tokens {vision_tokens:>5}  prompt "
-            f"{prompt_len:>5}  prefill {row['prefill']['median_ms']:9.1f} ms  decode "
+            f"  {spec.family:<16} {label:<7} vision tokens {row['vision_tokens']:>5}  prompt "
+            f"{row['prompt_tokens']:>5}  prefill {row['prefill']['median_ms']:9.1f} ms  decode "
             f"{dec['median_ms'] if dec else float('nan'):7.2f} ms/token  KV {row['kv_bytes']:>11} B"
         )
         rows.append(row)
-    stock = rows[0]
-    for row in rows:
-        row["ratios"] = {
-            "ideal_prefill": round(row["prompt_tokens"] / stock["prompt_tokens"], 4),
-            "vision_tokens": round(row["vision_tokens"] / max(stock["vision_tokens"], 1), 4),
-            "prefill": ratio(row["prefill"]["median_ms"], stock["prefill"]["median_ms"]),
-            "llm_prefill": ratio(
-                row["prefill"]["median_ms"] - row["vision"]["median_ms"],
-                stock["prefill"]["median_ms"] - stock["vision"]["median_ms"],
-            ),
-            "decode_per_token": ratio(
-                (row["decode_per_token"] or {}).get("median_ms"),
-                (stock["decode_per_token"] or {}).get("median_ms"),
-            ),
-            "kv_bytes": round(row["kv_bytes"] / max(stock["kv_bytes"], 1), 4),
-        }
-    text = model.config.text_config
+    _add_stock_ratios(rows)
     return {
         "family": spec.family,
         "note": spec.note,
-        "model": {
-            "class": type(model).__name__,
-            "text_hidden": text.hidden_size,
-            "text_layers": text.num_hidden_layers,
-            "text_heads": text.num_attention_heads,
-            "text_kv_heads": getattr(text, "num_key_value_heads", None),
-            "vision_layers": vision_layers,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "image": list(spec.image),
-            "native_budget": spec.native_budget,
-        },
+        "model": _model_summary(model, spec, vision_layers),
         "rows": rows,
     }
 
@@ -531,24 +577,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_and_write(
-        args.out,
-        lambda: run_e2e(
-            families=args.families,
-            tokens=args.tokens,
-            text_hidden=args.text_hidden,
-            text_layers=args.text_layers,
-            vision_layers=args.vision_layers,
-            text_tokens=args.text_tokens,
-            batch=args.batch,
-            decode_tokens=args.decode_tokens,
-            dtype=args.dtype,
-            device=args.device,
-            quick=args.quick,
-            warmup=args.warmup,
-            repeats=args.repeats,
-            threads=args.threads,
-        ),
-        to_markdown,
-        ok=lambda p: all("error" not in f for f in p["families"]),
+    return run_command(
+        args, run_e2e, to_markdown, ok=lambda p: all("error" not in f for f in p["families"])
     )

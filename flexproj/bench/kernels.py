@@ -39,7 +39,7 @@ from flexproj.bench.report import (
     markdown_table,
     pick_device,
     ratio,
-    run_and_write,
+    run_command,
     set_threads,
 )
 from flexproj.bench.timing import Stopwatch, summarize
@@ -260,6 +260,143 @@ def _backend_skip_reason(name: str, device: torch.device) -> str | None:
     return None if problem is None else f"cannot run on {device.type}: {problem}"
 
 
+@dataclass
+class _Group:
+    """The rows and timed variants of one (shape, dtype) group, as they are built."""
+
+    case: Case
+    x_leaf: torch.Tensor  # x, requiring grad (the forward + backward variants)
+    base: dict[str, Any]  # shape, dtype, batch: the fields every row starts with
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    variants: list[Variant] = field(default_factory=list)
+
+    def add(
+        self,
+        key: tuple[Any, ...],
+        forward: Callable[[], Any],
+        leaves: Sequence[torch.Tensor],
+        kernel: str | None = None,
+    ) -> None:
+        """Time ``forward`` alone and with backward into ``leaves``."""
+        for backward in (False, True):
+            self.variants.append(Variant((*key, backward), forward, leaves, backward, kernel))
+
+
+def _new_group(shape: KernelShape, dtype_name_: str, device: torch.device, batch: int) -> _Group:
+    """A seeded FlexProjector and input of one (shape, dtype)."""
+    import flexproj
+
+    dtype = DTYPES[dtype_name_]
+    torch.manual_seed(0)
+    proj = flexproj.FlexProjector(
+        shape.in_dim, shape.out_dim, hidden_dim=shape.hidden_dim, kernel="eager"
+    ).to(device=device, dtype=dtype)
+    H, W = shape.grid
+    if shape.packed:
+        x = torch.randn(batch * H * W, shape.in_dim, device=device, dtype=dtype)
+    else:
+        x = torch.randn(batch, H * W, shape.in_dim, device=device, dtype=dtype)
+    base = {"shape": shape.name, "dtype": dtype_name_, "batch": batch}
+    case = Case(shape, dtype, device, batch, proj, x)
+    return _Group(case, x.detach().requires_grad_(True), base)
+
+
+def _add_stock(group: _Group) -> dict[str, Any]:
+    """The stock projector at the native count (one row per group, listed last)."""
+    shape, x_leaf = group.case.shape, group.x_leaf
+    torch.manual_seed(1)
+    stock_module = _stock_module(shape).to(device=group.case.device, dtype=group.case.dtype)
+    row: dict[str, Any] = {
+        **group.base,
+        "tokens": shape.native,
+        "n_out": shape.native,
+        "grid": None,
+        "variant": "stock",
+        "kind": "reference",
+        "status": "ok",
+        "note": f"{shape.stock} at the native count",
+    }
+    group.add(
+        ("stock",), functools.partial(stock_module, x_leaf), [x_leaf, *stock_module.parameters()]
+    )
+    return row
+
+
+def _add_floor(group: _Group, row_base: dict[str, Any], n: int) -> dict[str, Any]:
+    """The projector's matrix products on the pooled rows, nothing else."""
+    case = group.case
+    m = case.batch * row_base["n_out"]
+    xp = torch.randn(m, case.shape.in_dim, device=case.device, dtype=case.dtype, requires_grad=True)
+    u = torch.randn(
+        m, case.shape.hidden_dim, device=case.device, dtype=case.dtype, requires_grad=True
+    )
+
+    def floor(xp: torch.Tensor = xp, u: torch.Tensor = u, mlp: Any = case.proj.mlp) -> Any:
+        return F.linear(xp, mlp.w12.weight, mlp.w12.bias), F.linear(u, mlp.w3.weight, mlp.w3.bias)
+
+    row = {**row_base, "variant": "floor", "kind": "reference", "status": "ok",
+           "note": "matrix products only"}  # fmt: skip
+    group.add(("floor", n), floor, [xp, u, *case.proj.parameters()])
+    group.rows.append(row)
+    return row
+
+
+def _add_backends(
+    group: _Group, row_base: dict[str, Any], n: int, grid: tuple[int, int], backends: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """One row per backend at budget ``n``: checked against eager, then timed (a backend
+    that cannot run here gets a skipped or error row and is not timed)."""
+    from flexproj.kernels.registry import resolve_backend
+
+    case, x_leaf = group.case, group.x_leaf
+    proj, params = case.proj, list(case.proj.parameters())
+    pool_first = case.pool_first(grid)
+    with torch.no_grad():
+        proj.kernel = "eager"
+        reference = pool_first(case.x).float()
+    backend_rows: dict[str, dict[str, Any]] = {}
+    for name in backends:
+        reason = _backend_skip_reason(name, case.device)
+        row: dict[str, Any] = {**row_base, "variant": name, "kind": "backend"}
+        group.rows.append(row)
+        if reason is not None:
+            row.update(status="skipped", reason=reason)
+            continue
+        proj.kernel = name
+        try:  # a backend that cannot run here must not take the others down
+            resolved = resolve_backend(name, case.device.type, case.dtype)
+            with torch.no_grad():
+                err = (pool_first(case.x).float() - reference).abs().max().item()
+            pool_first(x_leaf).sum().backward()  # compiles / loads the backward too
+        except Exception as exc:
+            row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+            continue
+        finally:
+            proj.kernel = "eager"
+        row.update(status="ok", resolves_to=resolved, max_abs_err_vs_eager=err)
+        backend_rows[name] = row
+        group.add((name, n), functools.partial(pool_first, x_leaf), [x_leaf, *params], kernel=name)
+    return backend_rows
+
+
+def _add_pool_after(
+    group: _Group, row_base: dict[str, Any], n: int, grid: tuple[int, int]
+) -> dict[str, Any]:
+    """LayerNorm + SwiGLU on every native token, then pool (Matryoshka-style)."""
+    case, x_leaf = group.case, group.x_leaf
+    row = {
+        **row_base,
+        "variant": "pool-after",
+        "kind": "reference",
+        "status": "ok",
+        "note": f"LayerNorm+SwiGLU (eager) on all {case.shape.grid_tokens} tokens, then pool",
+    }
+    forward = functools.partial(case.pool_after(grid), x_leaf)
+    group.add(("pool-after", n), forward, [x_leaf, *case.proj.parameters()], kernel="eager")
+    group.rows.append(row)
+    return row
+
+
 def _bench_group(
     shape: KernelShape,
     dtype_name_: str,
@@ -273,125 +410,22 @@ def _bench_group(
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """All rows of one (shape, dtype), every variant timed round-robin."""
-    import flexproj
-    from flexproj.kernels.registry import resolve_backend
-
-    dtype = DTYPES[dtype_name_]
     torch._dynamo.reset()  # the compile backend starts fresh per group (recompile limit)
-    torch.manual_seed(0)
-    proj = flexproj.FlexProjector(
-        shape.in_dim, shape.out_dim, hidden_dim=shape.hidden_dim, kernel="eager"
-    ).to(device=device, dtype=dtype)
-    H, W = shape.grid
-    if shape.packed:
-        x = torch.randn(batch * H * W, shape.in_dim, device=device, dtype=dtype)
-    else:
-        x = torch.randn(batch, H * W, shape.in_dim, device=device, dtype=dtype)
-    case = Case(shape, dtype, device, batch, proj, x)
-    params = list(proj.parameters())
-    x_leaf = x.detach().requires_grad_(True)
-    base = {"shape": shape.name, "dtype": dtype_name_, "batch": batch}
-    rows: list[dict[str, Any]] = []
-    variants: list[Variant] = []
-
-    def add(
-        key: tuple[Any, ...],
-        forward: Callable[[], Any],
-        leaves: Sequence[torch.Tensor],
-        kernel: str | None = None,
-    ) -> None:
-        for backward in (False, True):
-            variants.append(Variant((*key, backward), forward, leaves, backward, kernel))
-
-    # stock projector at the native count (one row per group)
-    torch.manual_seed(1)
-    stock_module = _stock_module(shape).to(device=device, dtype=dtype)
-    stock_row: dict[str, Any] = {
-        **base,
-        "tokens": shape.native,
-        "n_out": shape.native,
-        "grid": None,
-        "variant": "stock",
-        "kind": "reference",
-        "status": "ok",
-        "note": f"{shape.stock} at the native count",
-    }
-    add(("stock",), functools.partial(stock_module, x_leaf), [x_leaf, *stock_module.parameters()])
-
-    per_n: list[tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]] = []
+    group = _new_group(shape, dtype_name_, device, batch)
+    stock_row = _add_stock(group)
+    per_n = []
     for n in tokens:
-        grid = proj.output_grid(n, shape.grid)
-        n_out = grid[0] * grid[1]
-        row_base = {**base, "tokens": n, "grid": list(grid), "n_out": n_out}
+        grid = group.case.proj.output_grid(n, shape.grid)
+        row_base = {**group.base, "tokens": n, "grid": list(grid), "n_out": grid[0] * grid[1]}
+        floor_row = _add_floor(group, row_base, n)
+        backend_rows = _add_backends(group, row_base, n, grid, backends)
+        per_n.append((floor_row, backend_rows, _add_pool_after(group, row_base, n, grid)))
 
-        # floor: the matrix products on the pooled rows, nothing else
-        m = batch * n_out
-        xp = torch.randn(m, shape.in_dim, device=device, dtype=dtype, requires_grad=True)
-        u = torch.randn(m, shape.hidden_dim, device=device, dtype=dtype, requires_grad=True)
-
-        def floor(xp: torch.Tensor = xp, u: torch.Tensor = u, mlp: Any = proj.mlp) -> Any:
-            return F.linear(xp, mlp.w12.weight, mlp.w12.bias), F.linear(
-                u, mlp.w3.weight, mlp.w3.bias
-            )
-
-        floor_row = {
-            **row_base,
-            "variant": "floor",
-            "kind": "reference",
-            "status": "ok",
-            "note": "matrix products only",
-        }
-        add(("floor", n), floor, [xp, u, *params])
-        rows.append(floor_row)
-
-        pool_first = case.pool_first(grid)
-        with torch.no_grad():
-            proj.kernel = "eager"
-            reference = pool_first(x).float()
-        backend_rows: dict[str, dict[str, Any]] = {}
-        for name in backends:
-            reason = _backend_skip_reason(name, device)
-            row: dict[str, Any] = {**row_base, "variant": name, "kind": "backend"}
-            rows.append(row)
-            if reason is not None:
-                row.update(status="skipped", reason=reason)
-                continue
-            proj.kernel = name
-            try:  # a backend that cannot run here must not take the others down
-                resolved = resolve_backend(name, device.type, dtype)
-                with torch.no_grad():
-                    err = (pool_first(x).float() - reference).abs().max().item()
-                pool_first(x_leaf).sum().backward()  # compiles / loads the backward too
-            except Exception as exc:
-                row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
-                continue
-            finally:
-                proj.kernel = "eager"
-            row.update(status="ok", resolves_to=resolved, max_abs_err_vs_eager=err)
-            backend_rows[name] = row
-            add((name, n), functools.partial(pool_first, x_leaf), [x_leaf, *params], kernel=name)
-
-        after_row = {
-            **row_base,
-            "variant": "pool-after",
-            "kind": "reference",
-            "status": "ok",
-            "note": f"LayerNorm+SwiGLU (eager) on all {shape.grid_tokens} tokens, then pool",
-        }
-        add(
-            ("pool-after", n),
-            functools.partial(case.pool_after(grid), x_leaf),
-            [x_leaf, *params],
-            kernel="eager",
-        )
-        rows.append(after_row)
-        per_n.append((floor_row, backend_rows, after_row))
-
-    log(f"  timing {len(variants)} variants round-robin, {repeats} rounds after warm-up")
-    _round_robin(variants, proj, warmup=warmup, repeats=repeats, device=device)
+    log(f"  timing {len(group.variants)} variants round-robin, {repeats} rounds after warm-up")
+    _round_robin(group.variants, group.case.proj, warmup=warmup, repeats=repeats, device=device)
     timings = {
         v.key: summarize(v.samples, warmup=max(1, warmup), first_s=v.first).to_dict()
-        for v in variants
+        for v in group.variants
     }
 
     def fill(row: dict[str, Any], key: tuple[Any, ...]) -> None:
@@ -409,8 +443,8 @@ def _bench_group(
             fill(backend_row, (name, budget))
         fill(after_row, ("pool-after", budget))
         _add_ratios(backend_rows, floor_row, stock_row, after_row, shape)
-    rows.append(stock_row)
-    return rows
+    group.rows.append(stock_row)
+    return group.rows
 
 
 def _median(row: dict[str, Any] | None, mode: str) -> float | None:
@@ -487,155 +521,116 @@ def _cell(row: dict[str, Any], mode: str) -> str:
     return fmt_ms(t["median_ms"], t["iqr_ms"])
 
 
+_GROUP_HEADERS = ["N", "variant", "fwd ms", "×floor", "×eager", "×stock",
+                  "fwd+bwd ms", "×floor", "×eager", "×stock"]  # fmt: skip
+
+
+def _group_row(row: dict[str, Any]) -> list[Any]:
+    """One timed row of a (shape, dtype) table: a backend with its three ratios, or a
+    reference (the floor is 1.00 against itself; pool-after and stock have no ratios)."""
+    r = row.get("ratios", {})
+    n = f"{row['tokens']}" + (f" ({row['n_out']})" if row["n_out"] != row["tokens"] else "")
+    variant = row["variant"]
+    cells = []
+    for mode in ("fwd", "fwd_bwd"):
+        if row["kind"] == "backend":
+            refs = [fmt_ratio(r.get(f"{mode}_{ref}")) for ref in ("floor", "eager", "stock")]
+        elif variant == "floor":
+            refs = ["1.00", "-", fmt_ratio(r.get(f"{mode}_stock"))]
+        else:
+            refs = ["-", "-", "-"]
+        cells += [_cell(row, mode), *refs]
+    if variant == "auto":
+        variant = f"auto (= {row.get('resolves_to')})"
+    return [n, variant, *cells]
+
+
+def _group_tables(payload: dict[str, Any], skipped: dict[str, str]) -> list[str]:
+    """A table per (shape, dtype); rows that did not run go to ``skipped`` instead."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in payload["rows"]:
+        groups.setdefault((row["shape"], row["dtype"]), []).append(row)
+    parts = []
+    for (shape_name, dtype), group in groups.items():
+        note = payload["shapes"][shape_name]["note"]
+        table = []
+        for row in group:
+            if row["status"] != "ok":
+                skipped[row["variant"]] = row.get("reason", "")
+            else:
+                table.append(_group_row(row))
+        parts += [f"### {shape_name}, {dtype}", "", f"{note}.", ""]
+        parts += [markdown_table(_GROUP_HEADERS, table), ""]
+    return parts
+
+
+def _pool_after_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    table = [
+        [
+            row["shape"],
+            row["dtype"],
+            row["tokens"],
+            fmt_ratio(row["ratios"]["ideal_pool_first_over_after"]),
+            _cell(row, "fwd"),
+            fmt_ratio(row["ratios"].get("fwd_pool_first_over_after")),
+            _cell(row, "fwd_bwd"),
+            fmt_ratio(row["ratios"].get("fwd_bwd_pool_first_over_after")),
+        ]
+        for row in rows
+        if row["variant"] == "pool-after" and row["status"] == "ok"
+    ]
+    if not table:
+        return []
+    headers = ["shape", "dtype", "N", "ideal N/L", "pool-after fwd ms", "pool-first/after fwd",
+               "pool-after fwd+bwd ms", "pool-first/after fwd+bwd"]  # fmt: skip
+    title = "### Pool-first (ours) vs pool-after (Matryoshka-style: project every token, then pool)"
+    return [title, "", markdown_table(headers, table), ""]
+
+
+def _auto_check_section(payload: dict[str, Any]) -> list[str]:
+    check = payload.get("auto_check", {})
+    if not check.get("cases"):
+        return []
+    win_text = "; ".join(
+        f"{mode}: " + ", ".join(f"{k} {v}" for k, v in sorted(w.items()))
+        for mode, w in check["wins"].items()
+    )
+    headers = ["shape", "dtype", "N", "auto picks", "best fwd", "pick/best", "best fwd+bwd",
+               "pick/best"]  # fmt: skip
+    table = [
+        [c["shape"], c["dtype"], c["tokens"], c["auto_picks"],
+         c.get("fwd_best", "-"), fmt_ratio(c.get("fwd_pick_over_best")),
+         c.get("fwd_bwd_best", "-"), fmt_ratio(c.get("fwd_bwd_pick_over_best"))]
+        for c in check["cases"]
+    ]  # fmt: skip
+    return [
+        "### auto check",
+        "",
+        f"AUTO_CHOICE[{payload['environment']['device']!r}] = {tuple(check['auto_choice'])}. "
+        f"Fastest concrete backend per case (wins): {win_text}.",
+        "",
+        markdown_table(headers, table),
+        "",
+    ]
+
+
 def to_markdown(payload: dict[str, Any]) -> str:
-    rows = payload["rows"]
+    config = payload["config"]
     parts = [
         "## flexproj bench kernels",
         "",
         environment_markdown(payload["environment"]),
-        f"- batch {payload['config']['batch']} images, warm-up {payload['config']['warmup']}, "
-        f"repeats {payload['config']['repeats']}; times are medians ±IQR in ms; "
+        f"- batch {config['batch']} images, warm-up {config['warmup']}, "
+        f"repeats {config['repeats']}; times are medians ±IQR in ms; "
         "fwd under no_grad, fwd+bwd with input and weights requiring grad",
         "- ×floor: time / matrix products alone at the same N; ×eager: time / eager "
         "backend at the same N; ×stock: time / stock projector at the native count",
         "",
     ]
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["shape"], row["dtype"]), []).append(row)
     skipped: dict[str, str] = {}
-    for (shape_name, dtype), group in groups.items():
-        shape = payload["shapes"][shape_name]
-        parts += [f"### {shape_name}, {dtype}", "", f"{shape['note']}.", ""]
-        table = []
-        for row in group:
-            if row["status"] != "ok":
-                skipped[row["variant"]] = row.get("reason", "")
-                continue
-            r = row.get("ratios", {})
-            n = f"{row['tokens']}" + (f" ({row['n_out']})" if row["n_out"] != row["tokens"] else "")
-            if row["kind"] == "backend":
-                cells = [
-                    _cell(row, "fwd"),
-                    fmt_ratio(r.get("fwd_floor")),
-                    fmt_ratio(r.get("fwd_eager")),
-                    fmt_ratio(r.get("fwd_stock")),
-                    _cell(row, "fwd_bwd"),
-                    fmt_ratio(r.get("fwd_bwd_floor")),
-                    fmt_ratio(r.get("fwd_bwd_eager")),
-                    fmt_ratio(r.get("fwd_bwd_stock")),
-                ]
-                variant = row["variant"]
-                if variant == "auto":
-                    variant = f"auto (= {row.get('resolves_to')})"
-            else:
-                floor = row["variant"] == "floor"
-                cells = [
-                    _cell(row, "fwd"),
-                    "1.00" if floor else "-",
-                    "-",
-                    fmt_ratio(r.get("fwd_stock")) if floor else "-",
-                    _cell(row, "fwd_bwd"),
-                    "1.00" if floor else "-",
-                    "-",
-                    fmt_ratio(r.get("fwd_bwd_stock")) if floor else "-",
-                ]
-                variant = row["variant"]
-            table.append([n, variant, *cells])
-        parts.append(
-            markdown_table(
-                [
-                    "N",
-                    "variant",
-                    "fwd ms",
-                    "×floor",
-                    "×eager",
-                    "×stock",
-                    "fwd+bwd ms",
-                    "×floor",
-                    "×eager",
-                    "×stock",
-                ],
-                table,
-            )
-        )
-        parts.append("")
-    # pool-first vs pool-after
-    after_rows = []
-    for row in rows:
-        if row["variant"] != "pool-after" or row["status"] != "ok":
-            continue
-        r = row["ratios"]
-        after_rows.append(
-            [
-                row["shape"],
-                row["dtype"],
-                row["tokens"],
-                fmt_ratio(r["ideal_pool_first_over_after"]),
-                _cell(row, "fwd"),
-                fmt_ratio(r.get("fwd_pool_first_over_after")),
-                _cell(row, "fwd_bwd"),
-                fmt_ratio(r.get("fwd_bwd_pool_first_over_after")),
-            ]
-        )
-    if after_rows:
-        parts += [
-            "### Pool-first (ours) vs pool-after (Matryoshka-style: project every token, then pool)",
-            "",
-            markdown_table(
-                [
-                    "shape",
-                    "dtype",
-                    "N",
-                    "ideal N/L",
-                    "pool-after fwd ms",
-                    "pool-first/after fwd",
-                    "pool-after fwd+bwd ms",
-                    "pool-first/after fwd+bwd",
-                ],
-                after_rows,
-            ),
-            "",
-        ]
-    check = payload.get("auto_check", {})
-    if check.get("cases"):
-        win_text = "; ".join(
-            f"{mode}: " + ", ".join(f"{k} {v}" for k, v in sorted(w.items()))
-            for mode, w in check["wins"].items()
-        )
-        parts += [
-            "### auto check",
-            "",
-            f"AUTO_CHOICE[{payload['environment']['device']!r}] = {tuple(check['auto_choice'])}. "
-            f"Fastest concrete backend per case (wins): {win_text}.",
-            "",
-            markdown_table(
-                [
-                    "shape",
-                    "dtype",
-                    "N",
-                    "auto picks",
-                    "best fwd",
-                    "pick/best",
-                    "best fwd+bwd",
-                    "pick/best",
-                ],
-                [
-                    [
-                        c["shape"],
-                        c["dtype"],
-                        c["tokens"],
-                        c["auto_picks"],
-                        c.get("fwd_best", "-"),
-                        fmt_ratio(c.get("fwd_pick_over_best")),
-                        c.get("fwd_bwd_best", "-"),
-                        fmt_ratio(c.get("fwd_bwd_pick_over_best")),
-                    ]
-                    for c in check["cases"]
-                ],
-            ),
-            "",
-        ]
+    parts += _group_tables(payload, skipped)
+    parts += _pool_after_section(payload["rows"])
+    parts += _auto_check_section(payload)
     if skipped:
         parts += ["Skipped backends:", ""]
         parts += [f"- {name}: {reason}" for name, reason in skipped.items()]
@@ -738,19 +733,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_and_write(
-        args.out,
-        lambda: run_kernels(
-            shapes=args.shapes,
-            tokens=args.tokens,
-            dtypes=args.dtypes,
-            backends=args.backends,
-            batch=args.batch,
-            device=args.device,
-            quick=args.quick,
-            warmup=args.warmup,
-            repeats=args.repeats,
-            threads=args.threads,
-        ),
-        to_markdown,
-    )
+    return run_command(args, run_kernels, to_markdown)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata as md
+import inspect
 import json
 import math
 import os
@@ -27,6 +29,7 @@ __all__ = [
     "fmt_ratio",
     "markdown_table",
     "pick_device",
+    "run_command",
     "set_threads",
     "write_results",
 ]
@@ -234,3 +237,25 @@ def run_and_write(
         return 0 if ok(payload) else 1
     finally:
         torch.set_num_threads(threads)
+
+
+def run_command(
+    args: argparse.Namespace,
+    runner: Callable[..., dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+    ok: Callable[[dict[str, Any]], bool] = lambda payload: True,
+) -> int:
+    """One bench command: ``runner`` called with each of its keyword-only parameters (but
+    ``log``) from the command-line option of that name (``--text-hidden`` is
+    ``text_hidden``), its results written by :func:`run_and_write`."""
+    names = [
+        name
+        for name, parameter in inspect.signature(runner).parameters.items()
+        if parameter.kind is parameter.KEYWORD_ONLY and name != "log"
+    ]
+    missing = [name for name in names if not hasattr(args, name)]
+    if missing:  # a parameter without an option would silently keep its default
+        raise TypeError(f"{runner.__name__} takes {missing}, which the command line lacks")
+    return run_and_write(
+        args.out, lambda: runner(**{n: getattr(args, n) for n in names}), render, ok
+    )
