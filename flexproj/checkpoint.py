@@ -35,7 +35,7 @@ from flexproj._types import Model
 from flexproj._version import __version__
 from flexproj.errors import CheckpointError, PatchError
 from flexproj.family import model_device_dtype
-from flexproj.patching import patch, patch_processor
+from flexproj.patching import NATIVE_RULES, patch, patch_processor
 from flexproj.projector import FlexProjector
 from flexproj.registry import adapter_for
 from flexproj.schedule import TokenSchedule
@@ -107,6 +107,8 @@ def checkpoint_config(model: Model, schedule: dict[str, Any] | None = None) -> d
         # stock tokens per unit; null where each image keeps its own count (Qwen)
         "native_tokens": state.native_tokens,
         "token_schedule": schedule if schedule is not None else state.schedule,
+        # the native-budget rule (flexproj.patch(..., native=)); absent in older checkpoints
+        "native": state.native,
     }
 
 
@@ -278,6 +280,11 @@ def _parse_config(file: Path, text: str) -> dict[str, Any]:
         )
     _check_fields(file, config, _FIELDS, "", exact=False)
     _check_fields(file, config.get("projector"), _PROJECTOR_FIELDS, "projector.", exact=True)
+    if config.get("native", "projector") not in NATIVE_RULES:
+        raise CheckpointError(
+            f"{file}: config field native must be one of {NATIVE_RULES}, got "
+            f"{config['native']!r:.80}"
+        )
     schedule = config.get("token_schedule")
     if schedule is not None:
         _check_fields(file, schedule, _SCHEDULE_FIELDS, "token_schedule.", exact=True)
@@ -341,6 +348,7 @@ def from_pretrained(
     *,
     tokens: int | None = None,
     kernel: str = "auto",
+    native: str | None = None,
 ) -> nn.Module:
     """Load a saved projector onto ``model`` (unpatched or patched); returns ``model``.
 
@@ -348,9 +356,13 @@ def from_pretrained(
     ``tokens`` is given); a patched one gets its projector replaced, keeping its
     default budget (unless ``tokens`` is given) and patched processors. Everything is
     checked before anything changes: a load that fails leaves the model, its projector
-    and its processors as they were.
+    and its processors as they were. ``native``: the native-budget rule
+    (``flexproj.patch``); by default the checkpoint's ("projector" for older ones).
     """
     config, tensors = read_checkpoint(path)
+    rule = native or config.get("native", "projector")
+    if rule not in NATIVE_RULES:
+        raise PatchError(f"native must be one of {NATIVE_RULES}, got {rule!r}")
     adapter = adapter_for(model)
     model_type = model.config.model_type
     if config["model_type"] != model_type:
@@ -375,13 +387,13 @@ def from_pretrained(
     device, dtype = model_device_dtype(model)
     projector.to(device=device, dtype=dtype)
 
-    native = adapter.native_tokens(model)
+    native_count = adapter.native_tokens(model)
     state = state_of(model)
     if state is None:
         if tokens is None:
             saved_default = config["default_tokens"]
-            tokens = saved_default if native is None else min(saved_default, native)
-        patch(model, processor, tokens=tokens, projector=projector)
+            tokens = saved_default if native_count is None else min(saved_default, native_count)
+        patch(model, processor, tokens=tokens, projector=projector, native=rule)
         _patched_state(model).schedule = config.get("token_schedule")
         return model
     if state.mode != "flex":
@@ -390,7 +402,7 @@ def from_pretrained(
             "load a FlexProjector"
         )
     # patched: validate, then swap the projector in place (processors stay patched)
-    default = adapter.check_budget(state.default_budget if tokens is None else tokens, native)
+    default = adapter.check_budget(state.default_budget if tokens is None else tokens, native_count)
     if processor is not None:
         adapter.check_processor(processor)
     slot = getattr(*adapter.projector_slot(model))
@@ -398,6 +410,7 @@ def from_pretrained(
     state.projector = projector
     state.default_budget = default
     state.schedule = config.get("token_schedule")
+    state.native = rule
     if processor is not None and state_of(processor) is not state:
         patch_processor(model, processor)
     return model

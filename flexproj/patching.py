@@ -27,6 +27,8 @@ from flexproj.registry import adapter_for
 from flexproj.state import PatchState, disabled_state, state_of
 
 DEFAULT_TOKENS = 144
+#: ``patch(..., native=...)``: what runs at the native budget
+NATIVE_RULES = ("projector", "stock")
 
 __all__ = [
     "DEFAULT_TOKENS",
@@ -54,6 +56,9 @@ class PatchInfo:
     native_tokens: int | None
     unit: str
     schedule: dict[str, Any] | None
+    #: the native-budget rule: "stock" (the stock projector runs at the native budget: the
+    #: stock model there) or "projector" (the FlexProjector runs at every budget)
+    native: str = "projector"
 
 
 def _state(model: Model) -> PatchState:
@@ -82,6 +87,7 @@ def patch_info(model: Model) -> PatchInfo:
         native_tokens=state.native_tokens,
         unit=state.adapter.unit,
         schedule=state.schedule,
+        native=state.native,
     )
 
 
@@ -121,6 +127,7 @@ def patch(
     kernel: str = "auto",
     *,
     hidden_dim: int | None = None,
+    native: str = "projector",
 ) -> nn.Module:
     """Swap ``model``'s projector for a FlexProjector, in place; returns ``model``.
 
@@ -137,6 +144,13 @@ def patch(
             (Matryoshka's pool-after layout).
         kernel: SwiGLU backend of a new projector.
         hidden_dim: hidden width of a new projector (default ``3 * in_dim``).
+        native: the native-budget rule. ``"stock"``: an image (crop, tile) whose budget is
+            its stock token count runs the stock projector, so the model is the stock
+            model bit for bit there (use it where the LLM was not trained with the
+            FlexProjector: distilled or align-stage projectors); smaller budgets run the
+            FlexProjector, image by image in a per-image list. ``"projector"`` (default):
+            the FlexProjector runs at every budget (an LLM finetuned with it, the
+            native budget in its schedule). Recorded by ``flexproj.save_pretrained``.
 
     Patching an already patched model raises :class:`~flexproj.errors.PatchError`:
     call :func:`unpatch` first (a second projector would silently drop the first).
@@ -149,11 +163,13 @@ def patch(
         )
     if isinstance(projector, str) and projector != "stock":
         raise PatchError(f"projector must be a FlexProjector, None or 'stock', got {projector!r}")
+    if native not in NATIVE_RULES:
+        raise PatchError(f"native must be one of {NATIVE_RULES}, got {native!r}")
     mode = "stock" if projector == "stock" else "flex"
-    native = adapter.native_tokens(model, mode)
+    native_count = adapter.native_tokens(model, mode)
     if tokens is None:
-        tokens = DEFAULT_TOKENS if native is None else min(DEFAULT_TOKENS, native)
-    default = adapter.check_budget(tokens, native)
+        tokens = DEFAULT_TOKENS if native_count is None else min(DEFAULT_TOKENS, native_count)
+    default = adapter.check_budget(tokens, native_count)
     if mode == "stock":
         projector = getattr(*adapter.projector_slot(model))
     elif projector is None:
@@ -164,8 +180,9 @@ def patch(
         adapter=adapter,
         projector=projector,
         default_budget=default,
-        native_tokens=native,
+        native_tokens=native_count,
         mode=mode,
+        native="stock" if mode == "stock" else native,
         built_inputs=InputsLedger(),
     )
     try:

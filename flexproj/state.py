@@ -55,6 +55,9 @@ class PatchState:
     native_tokens: int | None
     #: "flex": FlexProjector, pool first; "stock": stock projector, outputs pooled
     mode: str = "flex"
+    #: the native-budget rule: "stock" runs the stock projector for a unit at its stock
+    #: count (``patch(..., native="stock")``); "projector": the FlexProjector runs there too
+    native: str = "projector"
     model_patcher: Patcher = field(default_factory=Patcher)
     processor_patchers: list[tuple[Any, Patcher]] = field(default_factory=list)
     schedule: dict[str, Any] | None = None
@@ -107,6 +110,13 @@ class PatchState:
                 f"received {n_units}"
             )
         return rows
+
+    def runs_stock(self, budget: int, stock_count: int) -> bool:
+        """The native-budget rule, asked per unit (image, crop, tile) by the slots: does a
+        unit whose (capped) budget is ``budget`` run the stock projector, ``stock_count``
+        being what the stock projector emits for it? Only with ``native="stock"`` and only
+        at exactly the stock count; ``projector="stock"`` is the stock path there anyway."""
+        return self.mode == "flex" and self.native == "stock" and budget == stock_count
 
     @property
     def enabled(self) -> bool:
