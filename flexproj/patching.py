@@ -39,6 +39,7 @@ __all__ = [
     "patch",
     "patch_info",
     "patch_processor",
+    "set_native",
     "unpatch",
     "unpatch_processor",
 ]
@@ -89,6 +90,20 @@ def patch_info(model: Model) -> PatchInfo:
         schedule=state.schedule,
         native=state.native,
     )
+
+
+def set_native(model: Model, native: str) -> Model:
+    """Set the native-budget rule of patched ``model`` (see :func:`patch`); returns it.
+
+    E.g. a distiller fits the FlexProjector at the native budget too (``"projector"``)
+    and then hands over a model whose native budget runs the stock projector (``"stock"``).
+    """
+    state = _state(model)
+    if native not in NATIVE_RULES:
+        raise PatchError(f"native must be one of {NATIVE_RULES}, got {native!r}")
+    if state.mode == "flex":
+        state.native = native
+    return model
 
 
 @contextlib.contextmanager

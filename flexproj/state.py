@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,8 @@ class PatchState:
     schedule: dict[str, Any] | None = None
     #: which budget built which inputs (``flexproj.family.InputsLedger``)
     built_inputs: Any = None
+    #: the budget-above-training warning was given (once per model)
+    warned_above: bool = False
     #: facts about the patched model that ``install`` records for ``patch_processor``,
     #: which does not see the model (e.g. InternVL's ViT patch size)
     model_facts: dict[str, Any] = field(default_factory=dict)
@@ -116,7 +119,21 @@ class PatchState:
         unit whose (capped) budget is ``budget`` run the stock projector, ``stock_count``
         being what the stock projector emits for it? Only with ``native="stock"`` and only
         at exactly the stock count; ``projector="stock"`` is the stock path there anyway."""
-        return self.mode == "flex" and self.native == "stock" and budget == stock_count
+        if self.mode != "flex" or self.native != "stock":
+            return False
+        if budget == stock_count:
+            return True
+        trained = max(self.schedule["tokens"]) if self.schedule else None
+        if trained is not None and trained < budget < stock_count and not self.warned_above:
+            self.warned_above = True
+            warnings.warn(
+                f"flexproj: budget {budget} is above the largest budget this projector was "
+                f"trained at ({trained}) and below the native {stock_count}: the FlexProjector "
+                "extrapolates there and can lose much of its accuracy; use a trained budget or "
+                "the native one (the stock projector). Said once per model.",
+                stacklevel=2,
+            )
+        return False
 
     @property
     def enabled(self) -> bool:

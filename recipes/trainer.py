@@ -402,13 +402,18 @@ def train(
         flexproj.patch(model, projector="stock")
         say("projector: the stock one, its outputs pooled to each step's budget")
     elif config.init in ("random", "distill"):
-        flexproj.patch(model, kernel=config.kernel, hidden_dim=config.hidden_dim)
+        native = config.native_rule
+        flexproj.patch(model, kernel=config.kernel, hidden_dim=config.hidden_dim, native=native)
     else:
-        flexproj.from_pretrained(model, config.init, kernel=config.kernel)
+        flexproj.from_pretrained(
+            model, config.init, kernel=config.kernel, native=config.native_rule
+        )
         say(f"projector: loaded from {config.init}")
     patched_keys = set(model.state_dict())
     stock_projector = {k: v for k, v in stock_keys.items() if k not in patched_keys}
     del stock_keys
+    stock_count = adapter_for(model).native_tokens(model, "stock")  # the stock tokens per unit
+    schedule = config.with_native(schedule, stock_count, say)
     _check_schedule(model, schedule, say)
     say(f"schedule: {dict(zip(schedule.tokens, schedule.probabilities, strict=True))} "
         f"(expected {schedule.expected_tokens:.1f} vision tokens per {adapter_for(model).unit})")  # fmt: skip

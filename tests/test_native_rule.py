@@ -8,6 +8,8 @@ image in a per-image budget list.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -147,3 +149,18 @@ def test_a_wrong_rule_is_one_error(family):
     with pytest.raises(flexproj.PatchError, match="native must be one of"):
         flexproj.patch(model, processor, native="yes")
     assert not flexproj.is_patched(model)
+
+
+def test_a_budget_between_the_largest_trained_and_native_is_warned_about_once(family, tmp_path):
+    model, _, _, _ = converted(family, "stock")
+    schedule = {"tokens": [4], "weights": [1.0], "seed": 0, "per_sample": False}
+    flexproj.save_pretrained(model, tmp_path / "p", schedule=schedule)
+    fresh, fresh_processor = tiny_vlm(family)
+    flexproj.from_pretrained(fresh.eval(), tmp_path / "p", fresh_processor)
+    with flexproj.tokens(4), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a trained budget: no warning
+        logits(fresh, encode(fresh_processor, family))
+    with flexproj.tokens(9), pytest.warns(UserWarning, match="above the largest budget") as caught:
+        logits(fresh, encode(fresh_processor, family))
+        logits(fresh, encode(fresh_processor, family))
+    assert len([w for w in caught if "above the largest" in str(w.message)]) == 1
