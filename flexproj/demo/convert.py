@@ -8,8 +8,6 @@ evaluated (:mod:`.rows`, :mod:`.evaluation`) -> 4. gathered over seeds and print
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,13 @@ from flexproj.demo.base_model import write_base_model
 from flexproj.demo.config import ConvertConfig
 from flexproj.demo.data import write_convert_data
 from flexproj.demo.plot import plot_convert
-from flexproj.demo.report import convert_results, format_convert_report, loadavg
+from flexproj.demo.report import (
+    convert_results,
+    environment,
+    format_convert_report,
+    loadavg,
+    write_outputs,
+)
 from flexproj.demo.rows import run_tasks
 
 __all__ = ["run_convert"]
@@ -58,20 +62,6 @@ def run_convert(
     records = run_tasks(cfg, work, workers, log)
     results = convert_results(cfg, records)
     results["workers"] = workers
-    results["environment"] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": load_start,
-        "loadavg_end": loadavg(),
-        "platform": platform.platform(),
-    }
-    plot_path = out / "accuracy_vs_budget.png"
-    plot_convert(results, plot_path)
-    results["plot"] = plot_path.name
-    results["total_wall_s"] = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    log("")
-    log(format_convert_report(results))
-    log(f"\nwrote {out / 'results.json'} and {plot_path} in {results['total_wall_s']:.0f} s")
+    results["environment"] = environment(load_start)
+    write_outputs(results, out, plot_convert, format_convert_report, t0, log)
     return results

@@ -5,10 +5,16 @@ distillation's errors."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import platform
 import statistics
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from flexproj.demo.config import ConvertConfig, row_label
 
@@ -59,6 +65,38 @@ def loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def environment(load_start: list[float] | None) -> dict[str, Any]:
+    """The machine a run ran on (wall times mean little without the load beside them)."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
+        "platform": platform.platform(),
+    }
+
+
+def write_outputs(
+    results: dict[str, Any],
+    out: Path,
+    plot: Callable[[dict[str, Any], Path], None],
+    report: Callable[[dict[str, Any]], str],
+    started: float,
+    log: Callable[[str], None],
+) -> None:
+    """The plot, ``results.json`` (with the total wall time since ``started``) and the report."""
+    plot_path = out / "accuracy_vs_budget.png"
+    plot(results, plot_path)
+    results["plot"] = plot_path.name
+    results["total_wall_s"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    log("")
+    log(report(results))
+    log(f"\nwrote {out / 'results.json'} and {plot_path} in {results['total_wall_s']:.0f} s")
 
 
 def convert_results(cfg: ConvertConfig, records: Sequence[dict[str, Any]]) -> dict[str, Any]:

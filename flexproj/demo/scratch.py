@@ -42,8 +42,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import platform
 import random
 import statistics
 import time
@@ -62,7 +60,14 @@ import flexproj
 from flexproj.demo.base_model import build_base
 from flexproj.demo.config import PROMPTS, DemoConfig
 from flexproj.demo.plot import plot
-from flexproj.demo.report import cell, loadavg, mean_spread, pipe_table
+from flexproj.demo.report import (
+    cell,
+    environment,
+    loadavg,
+    mean_spread,
+    pipe_table,
+    write_outputs,
+)
 from flexproj.schedule import TokenSchedule
 from flexproj.testing.datasets import Sample, make_sample
 
@@ -502,24 +507,9 @@ def run_demo(
         "prefill": {str(n): v for n, v in prefill.items()},
         "workers": workers,
         "train_eval_wall_s": train_wall,
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_start": load_start,
-            "loadavg_end": loadavg(),
-            "platform": platform.platform(),
-        },
+        "environment": environment(load_start),
     }
-    plot_path = out / "accuracy_vs_budget.png"
-    plot(results, plot_path)
-    results["plot"] = plot_path.name
-    results["total_wall_s"] = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    log("")
-    log(format_report(results))
-    log(f"\nwrote {out / 'results.json'} and {plot_path} in {results['total_wall_s']:.0f} s")
+    write_outputs(results, out, plot, format_report, t0, log)
     return results
 
 
