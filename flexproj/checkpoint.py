@@ -94,8 +94,12 @@ def _patched_state(model: Model) -> PatchState:
     return state
 
 
-def checkpoint_config(model: Model, schedule: dict[str, Any] | None = None) -> dict[str, Any]:
+def checkpoint_config(
+    model: Model, schedule: dict[str, Any] | None = None, native: str | None = None
+) -> dict[str, Any]:
     state = _patched_state(model)
+    if native is not None and native not in NATIVE_RULES:
+        raise PatchError(f"native must be one of {NATIVE_RULES}, got {native!r}")
     return {
         "format": FORMAT_VERSION,
         "flexproj_version": __version__,
@@ -108,7 +112,7 @@ def checkpoint_config(model: Model, schedule: dict[str, Any] | None = None) -> d
         "native_tokens": state.native_tokens,
         "token_schedule": schedule if schedule is not None else state.schedule,
         # the native-budget rule (flexproj.patch(..., native=)); absent in older checkpoints
-        "native": state.native,
+        "native": native or state.native,
     }
 
 
@@ -118,13 +122,17 @@ def save_pretrained(
     *,
     schedule: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    native: str | None = None,
 ) -> Path:
     """Write the projector of patched ``model`` to directory ``path``; returns it.
+
+    ``native``: the native-budget rule to record (default: the model's; e.g. a recipe that
+    trains the FlexProjector at the native budget and hands over ``"stock"``).
 
     ``state_dict``: the projector's weights to write instead of the live module's (e.g.
     gathered from FSDP shards); it must have exactly the projector's keys and shapes.
     """
-    config = checkpoint_config(model, schedule)
+    config = checkpoint_config(model, schedule, native)
     live = _patched_state(model).projector.state_dict()
     if state_dict is not None:
         shapes = {k: tuple(v.shape) for k, v in live.items()}

@@ -291,6 +291,13 @@ class RecipeConfig:
         return "stock" if self.projector == "flex" else "projector"
 
     @property
+    def training_native_rule(self) -> str:
+        """The rule while training: align trains the FlexProjector at every budget of the
+        schedule, the native one included (only the projector trains, so a stock step
+        would teach nothing); the checkpoint still records :attr:`native_rule`."""
+        return "projector" if self.stage == "align" else self.native_rule
+
+    @property
     def trains_native(self) -> bool:
         """``--train_native``, default: yes where the LLM or the stock projector trains."""
         if self.train_native is not None:

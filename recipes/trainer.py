@@ -101,9 +101,11 @@ class FlexTrainer(Trainer):
         batcher: Batcher,
         schedule: TokenSchedule,
         image_token_id: int,
+        native_rule: str = "projector",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.native_rule = native_rule  # recorded in checkpoints (flexproj.patch(native=))
         if self.args.fsdp and not self.is_fsdp_enabled:
             # accelerate enables FSDP on accelerators only; on CPU it would train plain DDP
             raise ConfigError(
@@ -222,7 +224,9 @@ class FlexTrainer(Trainer):
         if (
             flexproj.patch_info(base).mode == "flex"
         ):  # a stock projector is in trainable.safetensors
-            flexproj.save_pretrained(base, directory, schedule=self.schedule.to_dict())
+            flexproj.save_pretrained(
+                base, directory, schedule=self.schedule.to_dict(), native=self.native_rule
+            )
         torch.save(self.args, directory / "training_args.bin")
 
     def _load_from_checkpoint(
@@ -342,7 +346,11 @@ def _save_final(
     tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     # save the gathered weights (under FSDP the live module holds only this rank's shard)
     flexproj.save_pretrained(
-        base, output_dir, schedule=trainer.schedule.to_dict(), state_dict=tensors
+        base,
+        output_dir,
+        schedule=trainer.schedule.to_dict(),
+        state_dict=tensors,
+        native=config.native_rule,  # align trained the native budget too; hands over "stock"
     )
     outputs = {"projector": "."}
     if config.lora:
@@ -402,11 +410,11 @@ def train(
         flexproj.patch(model, projector="stock")
         say("projector: the stock one, its outputs pooled to each step's budget")
     elif config.init in ("random", "distill"):
-        native = config.native_rule
+        native = config.training_native_rule
         flexproj.patch(model, kernel=config.kernel, hidden_dim=config.hidden_dim, native=native)
     else:
         flexproj.from_pretrained(
-            model, config.init, kernel=config.kernel, native=config.native_rule
+            model, config.init, kernel=config.kernel, native=config.training_native_rule
         )
         say(f"projector: loaded from {config.init}")
     patched_keys = set(model.state_dict())
@@ -487,6 +495,7 @@ def train(
         batcher=batcher,
         schedule=schedule,
         image_token_id=recipe.image_token_id(_unwrap_peft(model)),
+        native_rule=config.native_rule,
         callbacks=[JsonlLogCallback(output_dir / TRAIN_LOG_NAME)],
     )
     start = time.perf_counter()
