@@ -138,6 +138,7 @@ def test_the_docs_sections_are_written_and_checked_from_the_results(quick_run, t
     for rel in ("README.md", "docs/DEMO.md"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text((root / rel).read_text())
+    (tmp_path / "docs").mkdir(exist_ok=True)
     write_docs(results, tmp_path)
     made = sections(results)
     readme = (tmp_path / "README.md").read_text()

@@ -212,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"error: --docs {args.docs}: {exc}", file=sys.stderr)
                 return 2
         results = run_convert(ccfg, args.out, workers=workers)
-        return _docs(args.docs, results) if args.docs else 0
+        plot = os.path.join(args.out, results["plot"])
+        return _docs(args.docs, results, plot) if args.docs else 0
 
     overrides: dict[str, Any] = {
         field: getattr(args, arg)
@@ -228,14 +229,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _docs(mode: str, results: dict[str, Any]) -> int:
+def _docs(mode: str, results: dict[str, Any], plot: str) -> int:
     """``--docs write``: the sections written; ``check``: 1 and a diff when they differ."""
     import sys
 
     from flexproj.demo.docs import check_docs, write_docs
 
     if mode == "write":
-        for file in write_docs(results, "."):
+        for file in write_docs(results, ".", plot):
             print(f"wrote the demo sections of {file}")
         return 0
     problems = check_docs(results, ".")

@@ -184,10 +184,21 @@ def check_markers(task: str, root: str | Path = ".") -> None:
             _section(text, task, name, file)
 
 
-def write_docs(results: dict[str, Any], root: str | Path = ".") -> list[Path]:
-    """Replace every section of ``results``' task in the docs under ``root``; returns the files."""
+#: the plot of each task's run, as the docs show it (relative to the repository root)
+PLOTS = {"flag": "docs/demo_convert_accuracy_vs_budget.png", "board": "docs/demo_convert_board.png"}
+
+
+def write_docs(
+    results: dict[str, Any], root: str | Path = ".", plot: str | Path | None = None
+) -> list[Path]:
+    """Replace every section of ``results``' task in the docs under ``root`` (and copy the
+    run's ``plot`` to where the docs show it); returns the files written."""
     task, made = results["config"]["task"], sections(results)
     written = []
+    if plot is not None and task in PLOTS:
+        target = Path(root) / PLOTS[task]
+        target.write_bytes(Path(plot).read_bytes())
+        written.append(target)
     for rel, names in TARGETS.items():
         file = Path(root) / rel
         text = file.read_text()
