@@ -131,15 +131,16 @@ def test_the_docs_sections_are_written_and_checked_from_the_results(quick_run, t
 
     from flexproj.demo.docs import DocsError, check_docs, sections, write_docs
 
-    _, results = quick_run
+    out, results = quick_run
     if results["family"] != "llava":
         pytest.skip("the docs hold the LLaVA run")
     root = Path(__file__).resolve().parents[1]
     for rel in ("README.md", "docs/DEMO.md"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text((root / rel).read_text())
-    (tmp_path / "docs").mkdir(exist_ok=True)
-    write_docs(results, tmp_path)
+    write_docs(results, tmp_path, plot=out / results["plot"])
+    shown = tmp_path / "docs" / "demo_convert_accuracy_vs_budget.png"
+    assert shown.read_bytes() == (out / results["plot"]).read_bytes()
     made = sections(results)
     readme = (tmp_path / "README.md").read_text()
     assert made["table"] in readme and made["reading"] in readme
