@@ -88,6 +88,40 @@ def _losses(results: dict[str, Any]) -> list[str]:
     return found
 
 
+def _below_training_free(results: dict[str, Any]) -> list[str]:
+    """Budgets where TokenFLEX (align) is below training-free pool-after by more than the spread."""
+    found = []
+    for n in results["eval_tokens"]:
+        mine, free = _acc(results, "tokenflex_align", n), _acc(results, "pool_after", n)
+        gap = (free["mean"] - mine["mean"]) * 100
+        if gap > max(1.0, mine["std"] * 100, free["std"] * 100):
+            found.append(f"{n}: {_pct(mine)} vs {_pct(free)}")
+    return found
+
+
+def _fine_detail(results: dict[str, Any], fine: str) -> str:
+    """The best converted row on the fine-detail kind at each budget below native."""
+    native = results["native_tokens"]
+    best = []
+    for n in results["eval_tokens"]:
+        if n == native:
+            continue
+        rows = [r for r in results["rows"] if r != "stock"]
+        top = max(rows, key=lambda r: _acc(results, r, n, fine)["mean"])
+        best.append(f"{_pct(_acc(results, top, n, fine))} at {n}")
+    return ", ".join(best)
+
+
+def _best_below_native(results: dict[str, Any], fine: str) -> float:
+    return max(
+        _acc(results, r, n, fine)["mean"]
+        for r in results["rows"]
+        if r != "stock"
+        for n in results["eval_tokens"]
+        if n != results["native_tokens"]
+    )
+
+
 def reading(results: dict[str, Any]) -> str:
     """The numbers a reader compares, as sentences (every number from ``results``)."""
     native, q = results["native_tokens"], _quarter(results)
@@ -128,6 +162,17 @@ def reading(results: dict[str, Any]) -> str:
         "- Fixed-N models at their own budget and away from it: " + "; ".join(fixed) + ".",
         "- Where the flexible model loses (below a fixed-N model at N or stock at native by "
         "more than the spread): " + ("; ".join(losses) if losses else "nowhere in this run") + ".",
+        "- TokenFLEX (align) below training-free pool-after by more than the spread, at: "
+        + ("; ".join(_below_training_free(results)) or "no budget")
+        + f" (budgets above the largest trained one, {max(train)}, are extrapolation).",
+        f"- Fine detail below native: the best converted row on the {fine} questions reaches "
+        f"{_fine_detail(results, fine)}, against {_pct(stock)} for stock at {native}"
+        + (
+            ": below native no row keeps even three quarters of it, so these questions need "
+            "the native budget (the automatic budget's job)."
+            if _best_below_native(results, fine) < 0.75 * stock["mean"]
+            else "."
+        ),
         f"- Cost of TokenFLEX align against the stock training: {cost['steps']:.0%} of its steps, "
         f"{cost['vision_tokens']:.0%} of its vision tokens (plus "
         f"{results['config']['distill_steps']} distillation steps that feed the LLM nothing).",
@@ -204,7 +249,7 @@ def write_docs(
         text = file.read_text()
         for name in names:
             match = _section(text, task, name, file)
-            text = text[: match.start(1)] + made[name] + text[match.end(1) :]
+            text = text[: match.start(1)] + "\n" + made[name] + "\n\n" + text[match.end(1) :]
         file.write_text(text)
         written.append(file)
     return written
