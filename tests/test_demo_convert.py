@@ -204,3 +204,10 @@ def test_the_reading_is_computed_from_the_numbers():
     assert "at 16: 50.0 vs fixed-16 70.0 (-20.0)" in text  # align loses to fixed-16 at 16
     assert "at 144: 90.0 vs stock 100.0 (-10.0)" in text
     assert "20% of its steps, 6% of its vision tokens" in text
+
+
+def test_readme_shows_the_default_task_and_demo_md_every_task():
+    from flexproj.demo.docs import targets
+
+    assert set(targets("flag")) == {"README.md", "docs/DEMO.md"}
+    assert set(targets("board")) == {"docs/DEMO.md"}
