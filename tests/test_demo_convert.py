@@ -211,3 +211,32 @@ def test_readme_shows_the_default_task_and_demo_md_every_task():
 
     assert set(targets("flag")) == {"README.md", "docs/DEMO.md"}
     assert set(targets("board")) == {"docs/DEMO.md"}
+
+
+@pytest.mark.parametrize("head_dim", [None, 32])
+def test_the_base_model_heads(tmp_path, head_dim):
+    """The vision tower's heads are 32 wide; the LLM's are 16 by default (the published
+    tables) and 32 with --text-head-dim 32 (what vLLM's CPU attention serves)."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from flexproj.demo.base_model import write_base_model
+
+    cfg = quick_convert_config(text_head_dim=head_dim)
+    path, _ = write_base_model(cfg, 0, tmp_path / "base")
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    vision, text = model.config.vision_config, model.config.text_config
+    assert vision.hidden_size // vision.num_attention_heads == 32
+    assert text.head_dim == (head_dim or 16)
+    assert (
+        model.model.language_model.layers[0].self_attn.q_proj.out_features
+        == text.head_dim * text.num_attention_heads
+    )
+    processor = AutoProcessor.from_pretrained(path)
+    from PIL import Image
+
+    inputs = processor(
+        text=["what <image> ?"], images=[Image.new("RGB", (96, 96))], return_tensors="pt"
+    )
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()

@@ -77,6 +77,10 @@ def register(subparsers: Any) -> None:
         "committed ones are what this run printed (exit 1 with a diff when not; `make "
         "check-docs`). Run from the repository root.",
     )
+    parser.add_argument("--text-head-dim", type=int, default=None,
+                        help="convert: attention head width of the tiny LLaVA's LLM (default "
+                        "16, what the published tables used; 32: a base model vLLM's CPU "
+                        "backend serves)")  # fmt: skip
     parser.add_argument("--stock-steps", type=int, default=None,
                         help="convert: steps of the stock reference training")  # fmt: skip
     parser.add_argument("--convert-steps", type=int, default=None,
@@ -170,6 +174,7 @@ _CONVERT_FIELDS = {
     "eval_per_kind": "eval_per_kind",
     "threads": "threads",
     "task": "task",
+    "text_head_dim": "text_head_dim",
 }
 
 

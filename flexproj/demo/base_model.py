@@ -41,6 +41,7 @@ def build_base(cfg: DemoConfig, seed: int) -> tuple[nn.Module, Any]:
             "num_hidden_layers": cfg.text_layers,
             "num_attention_heads": cfg.text_heads,
             "num_key_value_heads": max(1, cfg.text_heads // 2),
+            **({"head_dim": cfg.text_head_dim} if cfg.text_head_dim else {}),
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         },
         extra_words=list(VOCAB),
@@ -96,11 +97,16 @@ def write_base_model(cfg: ConvertConfig, seed: int, out: Path) -> tuple[str, str
     """The randomly initialised stock model of ``seed``: ``(--model, --weights)`` for the recipe.
 
     LLaVA: the demo's tiny LLaVA (96 px, 8 px patches, 12x12 = 144 tokens, sin-cos vision
-    positions) saved with its processor, so ``--model`` is that directory. Other families:
-    ``tiny:<family>`` (its processor is built in code) with the seed's weights.
+    positions, a vision tower 64 wide with 2 heads of 32; the LLM's heads are 16 wide unless
+    ``text_head_dim`` says otherwise: vLLM's CPU attention wants 32) saved with its processor, so ``--model`` is that directory. Other
+    families: ``tiny:<family>`` (its processor is built in code) with the seed's weights.
     """
     if cfg.family == "llava":
-        model, processor = build_base(DemoConfig(image_size=cfg.image_size or 96), seed)
+        geometry = DemoConfig(
+            image_size=cfg.image_size or 96, vision_hidden=64, vision_heads=2,
+            text_head_dim=cfg.text_head_dim,
+        )  # fmt: skip
+        model, processor = build_base(geometry, seed)
         llava: Any = model
         llava.save_pretrained(str(out))
         processor.save_pretrained(str(out))

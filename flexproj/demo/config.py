@@ -49,10 +49,13 @@ class DemoConfig:
     # model: a 2-layer LLM trained from scratch, a frozen 1-layer CLIP tower
     text_hidden: int = 64
     text_layers: int = 2
-    text_heads: int = 2  # head_dim 32
+    text_heads: int = 2
+    #: None: the tiny text config's head_dim (16, though width / heads = 32); 32 gives a
+    #: model vLLM's CPU attention serves (it rejects head_dim 16)
+    text_head_dim: int | None = None
     rope_theta: float = 100.0  # prompts are ~20-170 tokens long, not thousands
-    vision_hidden: int = 64
-    vision_heads: int = 2  # head_dim 32 (vLLM's CPU attention wants head_dim >= 32)
+    vision_hidden: int = 32  # the conversion experiment's base model: 64 (CONVERT_VISION)
+    vision_heads: int = 4
     vision_layers: int = 1
     vision_pos: str = "sincos"  # "sincos": fixed 2-D sin-cos position embeddings; "random"
     train_vision: bool = False
@@ -201,6 +204,9 @@ class ConvertConfig:
     eval_batch_size: int = 100
     eval_seed: int = 1_000_003
     data_seed: int = 7
+    #: the LLaVA base model's attention head width (None: 16, what the published tables used;
+    #: 32 for a base model vLLM's CPU backend serves: `flexproj demo --text-head-dim 32`)
+    text_head_dim: int | None = None
     seeds: int = 3
     # torch threads per task: one (two one-thread workers beat one two-thread process on
     # these tiny tensors, and a busy machine punishes oversubscription hard)

@@ -33,6 +33,8 @@ README_TASK = "flag"
 def targets(task: str) -> dict[str, tuple[str, ...]]:
     """The files and sections of ``task``'s run."""
     return {f: names for f, names in TARGETS.items() if f != "README.md" or task == README_TASK}
+
+
 #: the sections a fresh run must reproduce exactly (accuracies, steps, tokens: no times)
 CHECKED = ("table", "report", "reading")
 
