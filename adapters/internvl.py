@@ -108,13 +108,28 @@ class TileGridProjector(nn.Module):
         for n in set(budgets):
             state.adapter.check_budget(n, H * W)
         if len(set(budgets)) == 1:
-            return self.projector(features, tokens=budgets[0], grid=grid, drop_cls=drop_cls)
+            return self._project(state, features, budgets[0], grid, drop_cls)
         # per-image budgets: each tile alone; (1, sum n_i, D), in tile order
         tiles = [
-            self.projector(features[i : i + 1], tokens=n, grid=grid, drop_cls=drop_cls)[0]
+            self._project(state, features[i : i + 1], n, grid, drop_cls)[0]
             for i, n in enumerate(budgets)
         ]
         return torch.cat(tiles)[None]
+
+    def _project(
+        self, state: PatchState, features: torch.Tensor, n: int, grid: Grid, drop_cls: bool
+    ) -> torch.Tensor:
+        """``(tiles, [1 +] H*W, C) -> (tiles, n, D)``: the FlexProjector, or at the stock
+        count under the native-budget rule upstream's reshape, pixel shuffle and stock MLP."""
+        ratio = state.model_facts["downsample_ratio"]
+        H, W = grid
+        if not state.runs_stock(n, int(H * ratio) * int(W * ratio)):
+            assert self.projector is not None
+            return self.projector(features, tokens=n, grid=grid, drop_cls=drop_cls)
+        x = features[:, 1:] if drop_cls else features  # (tiles, H*W, C)
+        x = x.reshape(x.shape[0], H, W, -1)
+        x = InternVLModel.pixel_shuffle(cast(Any, None), x, scale_factor=ratio)
+        return cast(torch.Tensor, self.stock(x.reshape(x.shape[0], -1, x.shape[-1])))
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:

@@ -105,9 +105,11 @@ class GridSlotProjector(nn.Module):
 
     def _pool_project(self, features: torch.Tensor, budget: int, drop_cls: bool) -> torch.Tensor:
         """``(rows, [1 +] S*S, C) -> (rows, n, D)``: pool + project (FlexProjector), or
-        project + pool (``projector="stock"``)."""
+        project + pool (``projector="stock"``, and the native-budget rule: the stock
+        projector alone at the native budget)."""
         grid = (self.side, self.side)
-        if self.projector is None:
+        state = state_of(self)
+        if self.projector is None or (state and state.runs_stock(budget, self.side**2)):
             out = self.stock(features[:, 1:] if drop_cls else features)  # (rows, S*S, D)
             return pool_grid(out, grid, target_grid(budget, grid))
         return self.projector(features, tokens=budget, grid=grid, drop_cls=drop_cls)

@@ -96,7 +96,7 @@ from flexproj.family import FamilyAdapter, check_count, int_budget, note_image
 from flexproj.patcher import Patcher, stock_method
 from flexproj.pooling import Grid, pool_packed, target_grid
 from flexproj.registry import register_adapter
-from flexproj.state import STATE_ATTR, PatchState, state_of
+from flexproj.state import STATE_ATTR, PatchState, disabled_state, state_of
 
 __all__ = [
     "MergerPassThrough",
@@ -324,6 +324,12 @@ def _pooled_features(self: Any, name: str, grid_key: str, args: tuple, kwargs: d
     if return_dict is None:  # as transformers' can_return_tuple decides
         return_dict = getattr(self.config, "return_dict", True)
     grid_thw = inspect.signature(stock).bind(*args, **kwargs).arguments.get(grid_key)
+    merge = int(self.config.vision_config.spatial_merge_size)
+    budgets = _row_budgets(state, grid_key, grid_thw)
+    native = _runs_stock(state, grid_thw, budgets, merge)
+    if native and all(native):  # the native-budget rule, every image: the stock call
+        with disabled_state(state):
+            return stock(*args, return_dict=return_dict, **kwargs)
     if torch.compiler.is_compiling():  # a plain attribute: Dynamo cannot read a ContextVar
         slot.traced_encoding = True
         output = stock(*args, return_dict=True, **kwargs)
@@ -334,11 +340,20 @@ def _pooled_features(self: Any, name: str, grid_key: str, args: tuple, kwargs: d
             output = stock(*args, return_dict=True, **kwargs)
         finally:
             _ENCODING.reset(token)
-    merge = int(self.config.vision_config.spatial_merge_size)
     adapter = cast(Qwen2VLAdapter, state.adapter)
     projector = state.projector if state.mode == "flex" else None
-    budgets = _row_budgets(state, grid_key, grid_thw)
+    units = _cat(output.pooler_output)  # flex: (sum t*H*W/m², m²*C), unit order restored
     adapter.pool_output(output, grid_thw, budgets, projector, merge)
+    if any(native):  # per-image budgets: the images at their stock count get the stock merger
+        assert isinstance(grid_thw, torch.Tensor)
+        sizes = [t * (h // merge) * (w // merge) for t, h, w in grid_thw.tolist()]
+        merger = getattr(*adapter.projector_slot(self)).stock
+        output.pooler_output = tuple(
+            merger(u.reshape(-1, u.shape[-1] // merge**2)) if stock else pooled
+            for u, pooled, stock in zip(
+                torch.split(units, sizes), output.pooler_output, native, strict=True
+            )
+        )
     return output if return_dict else output.to_tuple()
 
 
@@ -348,6 +363,15 @@ def _encoding(slot: Any) -> bool:
     if torch.compiler.is_compiling():
         return bool(getattr(slot, "traced_encoding", False))
     return _ENCODING.get()
+
+
+def _runs_stock(state: PatchState, grid_thw: Any, budgets: Sequence[int], merge: int) -> list[bool]:
+    """Per image / video: does the native-budget rule give it the stock merger? (budgets
+    are capped at each image's merged count per temporal patch)"""
+    if not isinstance(grid_thw, torch.Tensor):
+        return []
+    counts = [(h // merge) * (w // merge) for _, h, w in grid_thw.tolist()]
+    return [state.runs_stock(min(n, c), c) for n, c in zip(budgets, counts, strict=True)]
 
 
 def _get_image_features(self: Any, *args: Any, **kwargs: Any) -> Any:

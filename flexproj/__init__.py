@@ -30,6 +30,7 @@ from flexproj.patching import (
     patch,
     patch_info,
     patch_processor,
+    set_native,
     unpatch,
     unpatch_processor,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "pool_grid",
     "pool_packed",
     "save_pretrained",
+    "set_native",
     "supported_models",
     "target_grid",
     "tokens",

@@ -35,7 +35,7 @@ from flexproj._version import __version__
 from flexproj.errors import CheckpointError, PatchError
 from flexproj.projector import FlexProjector
 from flexproj.schedule import TokenSchedule
-from flexproj.state import PatchState, state_of
+from flexproj.state import NATIVE_RULES, PatchState, check_native_rule, state_of
 
 WEIGHTS_NAME = "flexproj.safetensors"
 CONFIG_NAME = "flexproj_config.json"
@@ -100,8 +100,12 @@ def _patched_state(model: Model) -> PatchState:
     return state
 
 
-def checkpoint_config(model: Model, schedule: dict[str, Any] | None = None) -> dict[str, Any]:
+def checkpoint_config(
+    model: Model, schedule: dict[str, Any] | None = None, native: str | None = None
+) -> dict[str, Any]:
     state = _patched_state(model)
+    if native is not None:
+        check_native_rule(native)
     return {
         "format": FORMAT_VERSION,
         "flexproj_version": __version__,
@@ -113,6 +117,8 @@ def checkpoint_config(model: Model, schedule: dict[str, Any] | None = None) -> d
         # stock tokens per unit; null where each image keeps its own count (Qwen)
         "native_tokens": state.native_tokens,
         "token_schedule": schedule if schedule is not None else state.schedule,
+        # the native-budget rule (flexproj.patch(..., native=)); absent in older checkpoints
+        "native": native or state.native,
     }
 
 
@@ -122,13 +128,17 @@ def save_pretrained(
     *,
     schedule: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    native: str | None = None,
 ) -> Path:
     """Write the projector of patched ``model`` to directory ``path``; returns it.
+
+    ``native``: the native-budget rule to record (default: the model's; e.g. a recipe that
+    trains the FlexProjector at the native budget and hands over ``"stock"``).
 
     ``state_dict``: the projector's weights to write instead of the live module's (e.g.
     gathered from FSDP shards); it must have exactly the projector's keys and shapes.
     """
-    config = checkpoint_config(model, schedule)
+    config = checkpoint_config(model, schedule, native)
     live = _patched_state(model).projector.state_dict()
     if state_dict is not None:
         shapes = {k: tuple(v.shape) for k, v in live.items()}
@@ -290,6 +300,11 @@ def _parse_config(file: Path, text: str) -> dict[str, Any]:
         )
     _check_fields(file, config, _FIELDS, "", exact=False)
     _check_fields(file, config.get("projector"), _PROJECTOR_FIELDS, "projector.", exact=True)
+    if config.get("native", "projector") not in NATIVE_RULES:
+        raise CheckpointError(
+            f"{file}: config field native must be one of {NATIVE_RULES}, got "
+            f"{config['native']!r:.80}"
+        )
     schedule = config.get("token_schedule")
     if schedule is not None:
         _check_fields(file, schedule, _SCHEDULE_FIELDS, "token_schedule.", exact=True)

@@ -72,8 +72,9 @@ class SquareGridSlot(nn.Module):
 
     def pool_project(self, state: PatchState, features: torch.Tensor, n: int) -> torch.Tensor:
         """``(units, G*G, C) -> (units, h*w, D)``: pool + project (FlexProjector), or the
-        stock projector's ``(units, T*T, D)`` outputs pooled."""
-        if self.projector is not None:
+        stock projector's ``(units, T*T, D)`` outputs pooled (``projector="stock"``, and the
+        native-budget rule at the stock count T*T: the stock projector alone)."""
+        if self.projector is not None and not state.runs_stock(n, self.stock_side**2):
             grid: Grid = (self.side, self.side)
             return self.projector(features, tokens=n, grid=grid)
         stock_grid: Grid = (self.stock_side, self.stock_side)

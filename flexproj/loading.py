@@ -19,7 +19,7 @@ from flexproj.family import model_device_dtype
 from flexproj.patching import patch, patch_processor
 from flexproj.projector import FlexProjector
 from flexproj.registry import adapter_for
-from flexproj.state import state_of
+from flexproj.state import check_native_rule, state_of
 
 __all__ = ["from_pretrained"]
 
@@ -31,6 +31,7 @@ def from_pretrained(
     *,
     tokens: int | None = None,
     kernel: str = "auto",
+    native: str | None = None,
 ) -> nn.Module:
     """Load a saved projector onto ``model`` (unpatched or patched); returns ``model``.
 
@@ -38,9 +39,11 @@ def from_pretrained(
     ``tokens`` is given); a patched one gets its projector replaced, keeping its
     default budget (unless ``tokens`` is given) and patched processors. Everything is
     checked before anything changes: a load that fails leaves the model, its projector
-    and its processors as they were.
+    and its processors as they were. ``native``: the native-budget rule
+    (``flexproj.patch``); by default the checkpoint's ("projector" for older ones).
     """
     config, tensors = read_checkpoint(path)
+    rule = check_native_rule(native or config.get("native", "projector"))
     adapter = adapter_for(model)
     model_type = model.config.model_type
     if config["model_type"] != model_type:
@@ -65,13 +68,13 @@ def from_pretrained(
     device, dtype = model_device_dtype(model)
     projector.to(device=device, dtype=dtype)
 
-    native = adapter.native_tokens(model)
+    native_count = adapter.native_tokens(model)
     state = state_of(model)
     if state is None:
         if tokens is None:
             saved_default = config["default_tokens"]
-            tokens = saved_default if native is None else min(saved_default, native)
-        patch(model, processor, tokens=tokens, projector=projector)
+            tokens = saved_default if native_count is None else min(saved_default, native_count)
+        patch(model, processor, tokens=tokens, projector=projector, native=rule)
         patched_state = state_of(model)
         assert patched_state is not None
         patched_state.schedule = config.get("token_schedule")
@@ -82,7 +85,7 @@ def from_pretrained(
             "load a FlexProjector"
         )
     # patched: validate, then swap the projector in place (processors stay patched)
-    default = adapter.check_budget(state.default_budget if tokens is None else tokens, native)
+    default = adapter.check_budget(state.default_budget if tokens is None else tokens, native_count)
     if processor is not None:
         adapter.check_processor(processor)
     slot = getattr(*adapter.projector_slot(model))
@@ -90,6 +93,7 @@ def from_pretrained(
     state.projector = projector
     state.default_budget = default
     state.schedule = config.get("token_schedule")
+    state.native = rule
     if processor is not None and state_of(processor) is not state:
         patch_processor(model, processor)
     return model

@@ -25,12 +25,13 @@ from flexproj.errors import PatchError
 from flexproj.family import model_device_dtype
 from flexproj.patcher import Patcher
 from flexproj.registry import adapter_for
-from flexproj.state import PatchState, disabled_state, state_of
+from flexproj.state import NATIVE_RULES, PatchState, check_native_rule, disabled_state, state_of
 
 DEFAULT_TOKENS = 144
 
 __all__ = [
     "DEFAULT_TOKENS",
+    "NATIVE_RULES",
     "PatchInfo",
     "disabled",
     "get_projector",
@@ -38,6 +39,7 @@ __all__ = [
     "patch",
     "patch_info",
     "patch_processor",
+    "set_native",
     "unpatch",
     "unpatch_processor",
 ]
@@ -57,6 +59,9 @@ class PatchInfo:
     schedule: dict[str, Any] | None
     #: mode "stock": "after" (stock projector outputs pooled) or "first" (tower grid pooled)
     stock_pooling: str = "after"
+    #: the native-budget rule: "stock" (the stock projector runs at the native budget: the
+    #: stock model there) or "projector" (the FlexProjector runs at every budget)
+    native: str = "projector"
 
 
 def _state(model: Model) -> PatchState:
@@ -86,7 +91,21 @@ def patch_info(model: Model) -> PatchInfo:
         unit=state.adapter.unit,
         schedule=state.schedule,
         stock_pooling=state.stock_pooling,
+        native=state.native,
     )
+
+
+def set_native(model: Model, native: str) -> Model:
+    """Set the native-budget rule of patched ``model`` (see :func:`patch`); returns it.
+
+    E.g. a distiller fits the FlexProjector at the native budget too (``"projector"``)
+    and then hands over a model whose native budget runs the stock projector (``"stock"``).
+    """
+    state = _state(model)
+    check_native_rule(native)
+    if state.mode == "flex":
+        state.native = native
+    return model
 
 
 @contextlib.contextmanager
@@ -126,6 +145,7 @@ def patch(
     *,
     hidden_dim: int | None = None,
     stock_pooling: str = "after",
+    native: str = "projector",
 ) -> nn.Module:
     """Swap ``model``'s projector for a FlexProjector, in place; returns ``model``.
 
@@ -146,6 +166,13 @@ def patch(
             outputs (every family); ``"first"`` pools the tower grid and runs the stock
             projector's own layers on it, where the stock projector itself pools (Gemma 3:
             its RMSNorm + linear). The families' ``stock_poolings`` list what they allow.
+        native: the native-budget rule. ``"stock"``: an image (crop, tile) whose budget is
+            its stock token count runs the stock projector, so the model is the stock
+            model bit for bit there (use it where the LLM was not trained with the
+            FlexProjector: distilled or align-stage projectors); smaller budgets run the
+            FlexProjector, image by image in a per-image list. ``"projector"`` (default):
+            the FlexProjector runs at every budget (an LLM finetuned with it, the
+            native budget in its schedule). Recorded by ``flexproj.save_pretrained``.
 
     Patching an already patched model raises :class:`~flexproj.errors.PatchError`:
     call :func:`unpatch` first (a second projector would silently drop the first).
@@ -158,6 +185,7 @@ def patch(
         )
     if isinstance(projector, str) and projector != "stock":
         raise PatchError(f"projector must be a FlexProjector, None or 'stock', got {projector!r}")
+    check_native_rule(native)
     mode = "stock" if projector == "stock" else "flex"
     if stock_pooling != "after" and (
         mode != "stock" or stock_pooling not in adapter.stock_poolings
@@ -166,10 +194,10 @@ def patch(
             f"stock_pooling={stock_pooling!r} needs projector='stock' and a family that offers "
             f"it; {type(adapter).__name__} offers {', '.join(map(repr, adapter.stock_poolings))}"
         )
-    native = adapter.native_tokens(model, mode)
+    native_count = adapter.native_tokens(model, mode)
     if tokens is None:
-        tokens = DEFAULT_TOKENS if native is None else min(DEFAULT_TOKENS, native)
-    default = adapter.check_budget(tokens, native)
+        tokens = DEFAULT_TOKENS if native_count is None else min(DEFAULT_TOKENS, native_count)
+    default = adapter.check_budget(tokens, native_count)
     if mode == "stock":
         projector = getattr(*adapter.projector_slot(model))
     elif projector is None:
@@ -180,9 +208,10 @@ def patch(
         adapter=adapter,
         projector=projector,
         default_budget=default,
-        native_tokens=native,
+        native_tokens=native_count,
         mode=mode,
         stock_pooling=stock_pooling,
+        native="stock" if mode == "stock" else native,
     )
     try:
         adapter.install_common(model, state)

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 STATE_ATTR = "flexproj_state"
 
+#: ``patch(..., native=...)``: what runs at the native budget
+NATIVE_RULES = ("projector", "stock")
+
 #: (budget, units per image) the inputs being run carry (flexproj.carried), set around a
 #: model call: it wins over a flexproj.tokens block (which is checked against it first);
 #: the units (crops, tiles) map a per-image budget list onto the rows the projector sees
@@ -41,7 +45,22 @@ _DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
     "flexproj_disabled", default=frozenset()
 )
 
-__all__ = ["STATE_ATTR", "PatchState", "call_budget", "disabled_state", "state_of"]
+__all__ = [
+    "NATIVE_RULES",
+    "STATE_ATTR",
+    "PatchState",
+    "call_budget",
+    "check_native_rule",
+    "disabled_state",
+    "state_of",
+]
+
+
+def check_native_rule(native: Any) -> str:
+    """``native`` if it is a native-budget rule (:data:`NATIVE_RULES`), else a PatchError."""
+    if native not in NATIVE_RULES:
+        raise PatchError(f"native must be one of {NATIVE_RULES}, got {native!r}")
+    return str(native)
 
 
 @dataclass(eq=False)
@@ -59,9 +78,14 @@ class PatchState:
     #: mode "stock": pool the stock projector's outputs ("after"), or the tower grid before
     #: the stock projector's own layers ("first"; families listing it in ``stock_poolings``)
     stock_pooling: str = "after"
+    #: the native-budget rule: "stock" runs the stock projector for a unit at its stock
+    #: count (``patch(..., native="stock")``); "projector": the FlexProjector runs there too
+    native: str = "projector"
     model_patcher: Patcher = field(default_factory=Patcher)
     processor_patchers: list[tuple[Any, Patcher]] = field(default_factory=list)
     schedule: dict[str, Any] | None = None
+    #: the budget-above-training warning was given (once per model)
+    warned_above: bool = False
     #: facts about the patched model that ``install`` records for ``patch_processor``,
     #: which does not see the model (e.g. InternVL's ViT patch size)
     model_facts: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +141,27 @@ class PatchState:
                 f"received {n_units}"
             )
         return rows
+
+    def runs_stock(self, budget: int, stock_count: int) -> bool:
+        """The native-budget rule, asked per unit (image, crop, tile) by the slots: does a
+        unit whose (capped) budget is ``budget`` run the stock projector, ``stock_count``
+        being what the stock projector emits for it? Only with ``native="stock"`` and only
+        at exactly the stock count; ``projector="stock"`` is the stock path there anyway."""
+        if self.mode != "flex" or self.native != "stock":
+            return False
+        if budget == stock_count:
+            return True
+        trained = max(self.schedule["tokens"]) if self.schedule else None
+        if trained is not None and trained < budget < stock_count and not self.warned_above:
+            self.warned_above = True
+            warnings.warn(
+                f"flexproj: budget {budget} is above the largest budget this projector was "
+                f"trained at ({trained}) and below the native {stock_count}: the FlexProjector "
+                "extrapolates there and can lose much of its accuracy; use a trained budget or "
+                "the native one (the stock projector). Said once per model.",
+                stacklevel=2,
+            )
+        return False
 
     @property
     def enabled(self) -> bool:

@@ -13,9 +13,10 @@ then ``--config file.json`` (or ``.yaml`` when PyYAML is installed), then flags.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -106,6 +107,18 @@ class RecipeConfig:
             "each step's budget (pool-after, Matryoshka's layout; at the native budget this is "
             "the stock model); the stock projector trains, and the model is saved in "
             "transformers format (<output_dir>/model)."
+        ),
+    )
+    train_native: bool | None = field(
+        default=None,
+        metadata=_help(
+            "Add the model's native budget to --schedule when it is not there, with the "
+            "smallest weight of the schedule's budgets. Default: yes where the LLM or the "
+            "stock projector trains (--stage finetune, LoRA, --projector stock): with a "
+            "FlexProjector those steps run the stock projector (the native-budget rule, "
+            "flexproj.patch(native='stock')), so the LLM keeps reading the stock model's "
+            "native tokens; no for --stage align (the LLM is untouched and the checkpoint "
+            "runs the stock projector at the native budget: the stock model there)."
         ),
     )
     weights: str | None = field(
@@ -246,6 +259,15 @@ class RecipeConfig:
                 raise ConfigError(f"--processor_kwargs is not valid JSON: {exc}") from None
             if not isinstance(parsed, dict):
                 raise ConfigError("--processor_kwargs must be a JSON object")
+        self._absolute_paths()
+
+    def _absolute_paths(self) -> None:
+        """Local paths made absolute, so recipe.json (and ``flexproj eval --run``) works from
+        any directory; hub ids and ``tiny:<family>`` stay as given."""
+        for name in ("model", "data", "image_folder", "weights", "init"):
+            value = getattr(self, name)
+            if value and value not in ("random", "distill") and Path(value).exists():
+                setattr(self, name, str(Path(value).resolve()))
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -258,6 +280,49 @@ class RecipeConfig:
             self.schedule,
             seed=seed if self.schedule_seed is None else self.schedule_seed,
             per_sample=self.per_sample,
+        )
+
+    @property
+    def native_rule(self) -> str:
+        """What serves the native budget (``flexproj.patch(..., native=)``): with a
+        FlexProjector, always the stock projector (align: the stock model there; finetune:
+        the native-budget steps train the LLM on the stock projector's tokens, as the stock
+        training did); with ``--projector stock`` the trained stock projector itself."""
+        return "stock" if self.projector == "flex" else "projector"
+
+    @property
+    def training_native_rule(self) -> str:
+        """The rule while training: align trains the FlexProjector at every budget of the
+        schedule, the native one included (only the projector trains, so a stock step
+        would teach nothing); the checkpoint still records :attr:`native_rule`."""
+        return "projector" if self.stage == "align" else self.native_rule
+
+    @property
+    def trains_native(self) -> bool:
+        """``--train_native``, default: yes where the LLM or the stock projector trains."""
+        if self.train_native is not None:
+            return self.train_native
+        return self.stage == "finetune" or self.projector == "stock"
+
+    def with_native(
+        self, schedule: TokenSchedule, native: int | None, log: Callable[[str], None]
+    ) -> TokenSchedule:
+        """``schedule`` with the native budget added (``--train_native``, see its help);
+        ``native=None`` (a family whose count varies per image): unchanged, said once."""
+        if not self.trains_native or (native is not None and native in schedule.tokens):
+            return schedule
+        if native is None:
+            log(
+                "note: this family's native budget varies per image, so it is not added to the "
+                "schedule; add a budget at least the largest image's count to --schedule to train it"
+            )
+            return schedule
+        if native < max(schedule.tokens):
+            return schedule  # budgets above native are capped to it: native trains already
+        weight = min(w for w in schedule.weights if w > 0)
+        log(f"schedule: the native budget {native} joins with weight {weight:g} (--train_native)")
+        return dataclasses.replace(
+            schedule, tokens=(*schedule.tokens, native), weights=(*schedule.weights, weight)
         )
 
     def processor_options(self) -> dict[str, Any]:

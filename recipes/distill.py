@@ -39,19 +39,21 @@ a fixed batch; the loss history) is logged and returned; the trainer writes it t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 import flexproj
 from flexproj._types import Model
@@ -167,6 +169,69 @@ def distill_budgets(
     return out
 
 
+@contextlib.contextmanager
+def _fitting(model: Model, twin: Model, projector: nn.Module) -> Iterator[None]:
+    """Only the projector trains, both models in eval mode, and the FlexProjector runs at
+    the native budget too (the native-budget rule off); everything restored afterwards."""
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    rule = flexproj.patch_info(model).native
+    model.eval()
+    twin.eval()
+    flexproj.set_native(model, "projector")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in projector.parameters():
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+        flexproj.set_native(model, rule)
+
+
+def _fit(
+    projector: nn.Module,
+    plan: Sequence[int],
+    steps: int,
+    lr: float,
+    compare: Callable[[int, int], tuple[torch.Tensor, float, float]],
+    log: Callable[[str], None],
+    progress: bool,
+) -> tuple[list[dict[str, float]], float]:
+    """AdamW with a cosine decay, one budget of ``plan`` per step in turn; ``compare(step,
+    N)`` gives ``(loss, relative MSE, cosine)``. Returns the per-step history and seconds."""
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    history: list[dict[str, float]] = []
+    every = max(1, steps // 10)
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="distill", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        n = plan[step % len(plan)]
+        loss, mse, cos = compare(step, n)
+        value = float(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        history.append({"step": step + 1, "tokens": n, "loss": value, "mse": mse, "cosine": cos})
+        bar.set_postfix(N=n, loss=f"{value:.4f}")
+        if not progress and ((step + 1) % every == 0 or step + 1 == steps):
+            log(
+                f"distill step {step + 1}/{steps} (N={n}): loss {value:.4f} rel-mse {mse:.4g} "
+                f"cosine {cos:.4f}"
+            )
+    bar.close()
+    return history, time.perf_counter() - start
+
+
 def distill_projector(
     model: Model,
     processor: Any,
@@ -222,55 +287,18 @@ def distill_projector(
     def probe_all(inputs: dict[str, Any]) -> dict[int, tuple[float, float]]:
         return {n: compare(inputs, n, grad=False)[1:] for n in plan}
 
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
-    twin.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in projector.parameters():
-        p.requires_grad_(True)
-    try:
+    with _fitting(model, twin, projector):
         probe = load(0)
         before = probe_all(probe)
         log(
             f"distill: {steps} steps over budgets {plan} (target: the stock projector's outputs "
             f"pooled to each budget; {tokens} = the stock grid)"
         )
-        optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
-        )
-        history: list[dict[str, float]] = []
-        every = max(1, steps // 10)
-        start = time.perf_counter()
-        from tqdm.auto import tqdm
-
-        bar = tqdm(range(steps), desc="distill", disable=not progress, dynamic_ncols=True)
-        for step in bar:
-            n = plan[step % len(plan)]
-            loss, mse, cos = compare(load(step), n, grad=True)
-            value = float(loss.detach())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            history.append(
-                {"step": step + 1, "tokens": n, "loss": value, "mse": mse, "cosine": cos}
-            )
-            bar.set_postfix(N=n, loss=f"{value:.4f}")
-            if not progress and ((step + 1) % every == 0 or step + 1 == steps):
-                log(
-                    f"distill step {step + 1}/{steps} (N={n}): loss {value:.4f} rel-mse {mse:.4g} "
-                    f"cosine {cos:.4f}"
-                )
-        bar.close()
-        seconds = time.perf_counter() - start
+        history, seconds = _fit(
+            projector, plan, steps, lr, lambda step, n: compare(load(step), n, grad=True),
+            log, progress,
+        )  # fmt: skip
         after = probe_all(probe)
-    finally:
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
     per_budget = {
         str(n): {
             "cosine_before": before[n][1],
@@ -398,6 +426,8 @@ def run_distill(
     )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # the LLM is untouched: at the native budget the checkpoint runs the stock projector
+    flexproj.set_native(model, "stock")
     flexproj.save_pretrained(model, out, schedule=token_schedule.to_dict())
     report = {"model": model_spec, "weights": weights, "images_source": str(images), **report}
     (out / "distill.json").write_text(json.dumps(report, indent=2) + "\n")

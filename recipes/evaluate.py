@@ -176,6 +176,103 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
+def _check_budgets(model: Model, budgets: Sequence[int]) -> None:
+    from flexproj.registry import adapter_for
+
+    adapter = adapter_for(model)
+    native = adapter.native_tokens(model)
+    for n in budgets:
+        try:
+            adapter.check_budget(n, native)
+        except BudgetError as exc:
+            raise BudgetError(f"--tokens {n}: {exc}") from None
+
+
+def _prefill_seconds(
+    model: Model, prompts: dict[str, Any], repeats: int, warm_up: bool
+) -> float | None:
+    """The fastest of ``repeats`` timed prefills of ``prompts``, per sample (None: no timing)."""
+    if repeats < 1:
+        return None
+    device = next(model.parameters()).device
+    if warm_up:  # the first batch of a budget: not timed
+        model(**prompts)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        model(**prompts)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times) / int(prompts["input_ids"].shape[0])
+
+
+@dataclass
+class _Tally:
+    """What one budget's batches add up to."""
+
+    loss_sum: float = 0.0
+    answer_tokens: int = 0
+    vision: int = 0
+    prefill: list[float] = field(default_factory=list)  # seconds per sample, one per batch
+    #: every sample: id, kind, reference and generated answer, hit, confidence, vision tokens
+    per_sample: list[dict[str, Any]] = field(default_factory=list)
+
+    def result(self, n: int, with_loss: bool) -> dict[str, Any]:
+        samples = len(self.per_sample)
+        by_kind: dict[str, list[int]] = {}
+        for s in self.per_sample:
+            if s["kind"] is not None:
+                by_kind.setdefault(str(s["kind"]), []).append(int(s["hit"]))
+        return {
+            "tokens": n,
+            "vision_tokens_per_sample": self.vision / samples,
+            "loss": self.loss_sum / max(self.answer_tokens, 1) if with_loss else None,
+            "accuracy": sum(s["hit"] for s in self.per_sample) / samples,
+            "prefill_ms_per_sample": 1000 * statistics.median(self.prefill)
+            if self.prefill
+            else None,
+            "prefill_ms_per_sample_mean": 1000 * statistics.fmean(self.prefill)
+            if self.prefill
+            else None,
+            "samples": samples,
+            "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+            "examples": [
+                {"id": s["id"], "answer": s["answer"], "generated": s["generated"]}
+                for s in self.per_sample[:5]
+            ],
+            "per_sample": self.per_sample,
+        }
+
+
+def _generate(
+    run: EvalRun, batcher: Any, prompts: dict[str, Any], answers: Sequence[str],
+    examples: Sequence[dict[str, Any]], max_new_tokens: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Greedy answers of one batch, one record per sample (what eval.json keeps)."""
+    model, recipe, tokenizer = run.model, run.recipe, run.processor.tokenizer
+    stop = recipe.stop_token_ids(run.processor)
+    generated = model.generate(
+        **prompts, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+        pad_token_id=batcher.pad_id, output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    new = generated.sequences[:, prompts["input_ids"].shape[1] :]
+    confidence = answer_confidence(generated.scores, new, stop).tolist()
+    row_vision = (prompts["input_ids"] == recipe.image_token_id(model)).sum(-1).tolist()
+    records = []
+    for row, (ids, ref, ex) in enumerate(zip(new.tolist(), answers, examples, strict=True)):
+        cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))  # end of turn
+        answer = tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+        records.append({
+            "id": ex["id"], "kind": ex.get("kind"), "answer": ref, "generated": answer,
+            "hit": normalize_answer(answer) == normalize_answer(ref),
+            "confidence": confidence[row],
+            "vision_tokens_per_image": row_vision[row] / max(1, len(ex["images"])),
+        })  # fmt: skip
+    return records
+
+
+@torch.no_grad()
 def evaluate_model(
     run: EvalRun,
     dataset: Any,
@@ -191,100 +288,46 @@ def evaluate_model(
     """Per-budget ``{"tokens", "loss", "accuracy", "prefill_ms_per_sample", ...}`` of one run.
 
     ``prefill_repeats=0`` skips the timing (``prefill_ms_*`` are then None) and
-    ``with_loss=False`` the teacher-forced loss (None): accuracy only, about three times faster.
+    ``with_loss=False`` the teacher-forced loss (None): accuracy only, about three times
+    faster. ``per_sample`` holds every sample's reference and generated answer.
     """
     from tqdm.auto import tqdm
 
     say = log or tqdm.write
-    model, processor, recipe = run.model, run.processor, run.recipe
+    model, recipe = run.model, run.recipe
     check_budgets(model, budgets)
     batcher = run_batcher(run)
     device = next(model.parameters()).device
     image_token = recipe.image_token_id(model)
-    tokenizer = processor.tokenizer
-    stop = recipe.stop_token_ids(processor)
     starts = list(range(0, len(dataset), batch_size))
     results = []
     for n in budgets:
-        loss_sum = 0.0
-        answer_tokens = correct = samples = vision = 0
-        prefill: list[float] = []  # seconds per sample, one entry per batch
-        by_kind: dict[str, list[int]] = {}
-        examples_out: list[dict[str, str]] = []
-        per_sample: list[dict[str, Any]] = []  # what flexproj eval --auto sweeps
+        tally = _Tally()
         with flexproj.tokens(n):
             bar = tqdm(starts, desc=f"{run.label} N={n}", disable=not progress, leave=False)
             for b, start in enumerate(bar):
                 examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
                 if with_loss:
                     batch = _to(batcher.train_batch(examples), device)
-                    out = model(**batch)
                     count = int((batch["labels"][:, 1:] != -100).sum())
-                    loss_sum += float(out.loss) * count
-                    answer_tokens += count
-
+                    tally.loss_sum += float(model(**batch).loss) * count
+                    tally.answer_tokens += count
                 prompts, answers = batcher.generation_batch(examples)
                 prompts = _to(prompts, device)
-                if b == 0 and prefill_repeats > 0:  # warm-up: not timed
-                    model(**prompts)
-                times = []
-                for _ in range(prefill_repeats):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    model(**prompts)
-                    _sync(device)
-                    times.append(time.perf_counter() - t0)
-                if times:
-                    prefill.append(min(times) / len(examples))
-                generated = model.generate(
-                    **prompts,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=stop,
-                    pad_token_id=batcher.pad_id,
-                    output_scores=True,
-                    return_dict_in_generate=True,
+                seconds = _prefill_seconds(model, prompts, prefill_repeats, warm_up=b == 0)
+                if seconds is not None:
+                    tally.prefill.append(seconds)
+                tally.per_sample += _generate(
+                    run, batcher, prompts, answers, examples, max_new_tokens
                 )
-                new = generated.sequences[:, prompts["input_ids"].shape[1] :]
-                confidence = answer_confidence(generated.scores, new, stop).tolist()
-                row_vision = (prompts["input_ids"] == image_token).sum(-1).tolist()
-                for row, (ids, ref, ex) in enumerate(
-                    zip(new.tolist(), answers, examples, strict=True)
-                ):
-                    cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))  # end of turn
-                    answer = tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
-                    hit = normalize_answer(answer) == normalize_answer(ref)
-                    correct += hit
-                    per_sample.append({
-                        "id": ex["id"], "kind": ex.get("kind"), "hit": bool(hit),
-                        "confidence": confidence[row],
-                        "vision_tokens_per_image": row_vision[row] / max(1, len(ex["images"])),
-                    })  # fmt: skip
-                    if ex.get("kind") is not None:
-                        by_kind.setdefault(str(ex["kind"]), []).append(int(hit))
-                    if len(examples_out) < 5:
-                        examples_out.append({"id": ex["id"], "answer": ref, "generated": answer})
-                samples += len(examples)
-                vision += int((prompts["input_ids"] == image_token).sum())
-        result = {
-            "tokens": n,
-            "vision_tokens_per_sample": vision / samples,
-            "loss": loss_sum / max(answer_tokens, 1) if with_loss else None,
-            "accuracy": correct / samples,
-            "prefill_ms_per_sample": 1000 * statistics.median(prefill) if prefill else None,
-            "prefill_ms_per_sample_mean": 1000 * statistics.fmean(prefill) if prefill else None,
-            "samples": samples,
-            "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-            "examples": examples_out,
-            "per_sample": per_sample,
-        }
+                tally.vision += int((prompts["input_ids"] == image_token).sum())
+        result = tally.result(n, with_loss)
         loss_text = "" if result["loss"] is None else f"loss {result['loss']:.4f}  "
-        prefill_text = (
-            "" if not prefill else f"  prefill {result['prefill_ms_per_sample']:.2f} ms/sample"
-        )
+        prefill = result["prefill_ms_per_sample"]
         say(
             f"{run.label}: N={n:>4} vision tokens/sample {result['vision_tokens_per_sample']:.1f}  "
-            f"{loss_text}accuracy {result['accuracy']:.3f}{prefill_text}"
+            f"{loss_text}accuracy {result['accuracy']:.3f}"
+            + ("" if prefill is None else f"  prefill {prefill:.2f} ms/sample")
         )
         results.append(result)
     return results
@@ -403,9 +446,11 @@ def write_report(report: dict[str, Any], output_dir: str | Path) -> dict[str, Pa
     ]
     for run in report["runs"]:
         for r in run["results"]:
+            loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+            prefill = r["prefill_ms_per_sample"]
             lines.append(
-                f"| {run['label']} | {r['tokens']} | {r['vision_tokens_per_sample']:.1f} | {r['loss']:.4f} "
-                f"| {r['accuracy']:.3f} | {r['prefill_ms_per_sample']:.2f} |"
+                f"| {run['label']} | {r['tokens']} | {r['vision_tokens_per_sample']:.1f} | {loss} "
+                f"| {r['accuracy']:.3f} | {'-' if prefill is None else f'{prefill:.2f}'} |"
             )
     autos = [run for run in report["runs"] if "auto" in run]
     for run in autos:
@@ -506,10 +551,11 @@ def evaluate(
         )
     if not budgets:
         raise EvalError("give at least one budget (--tokens)")
-    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
-                        ("prefill_repeats", prefill_repeats)):  # fmt: skip
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if value < 1:
             raise EvalError(f"--{name} must be at least 1, got {value}")
+    if prefill_repeats < 0:
+        raise EvalError(f"--prefill_repeats must be 0 (no timing) or more, got {prefill_repeats}")
     dataset = ConversationDataset(data, image_folder, max_samples)  # checked before any model loads
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report: dict[str, Any] = {

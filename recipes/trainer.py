@@ -111,9 +111,11 @@ class FlexTrainer(Trainer):
         batcher: Batcher,
         schedule: TokenSchedule,
         image_token_id: int,
+        native_rule: str = "projector",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.native_rule = native_rule  # recorded in checkpoints (flexproj.patch(native=))
         if self.args.fsdp and not self.is_fsdp_enabled:
             # accelerate enables FSDP on accelerators only; on CPU it would train plain DDP
             raise ConfigError(
@@ -231,7 +233,9 @@ class FlexTrainer(Trainer):
         if (
             flexproj.patch_info(base).mode == "flex"
         ):  # a stock projector is in trainable.safetensors
-            flexproj.save_pretrained(base, directory, schedule=self.schedule.to_dict())
+            flexproj.save_pretrained(
+                base, directory, schedule=self.schedule.to_dict(), native=self.native_rule
+            )
         torch.save(self.args, directory / "training_args.bin")
 
     def _load_from_checkpoint(
@@ -441,7 +445,11 @@ def _save_final(
     tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     # save the gathered weights (under FSDP the live module holds only this rank's shard)
     flexproj.save_pretrained(
-        base, output_dir, schedule=trainer.schedule.to_dict(), state_dict=tensors
+        base,
+        output_dir,
+        schedule=trainer.schedule.to_dict(),
+        state_dict=tensors,
+        native=config.native_rule,  # align trained the native budget too; hands over "stock"
     )
     outputs = {"projector": "."}
     if config.lora:
@@ -522,9 +530,12 @@ def _load_model(
         flexproj.patch(model, projector="stock")
         say("projector: the stock one, its outputs pooled to each step's budget")
     elif config.init in ("random", "distill"):
-        flexproj.patch(model, kernel=config.kernel, hidden_dim=config.hidden_dim)
+        native = config.training_native_rule
+        flexproj.patch(model, kernel=config.kernel, hidden_dim=config.hidden_dim, native=native)
     else:
-        flexproj.from_pretrained(model, config.init, kernel=config.kernel)
+        flexproj.from_pretrained(
+            model, config.init, kernel=config.kernel, native=config.training_native_rule
+        )
         say(f"projector: loaded from {config.init}")
     patched_keys = set(model.state_dict())
     stock_projector = _full_tensors({k: v for k, v in stock_keys.items() if k not in patched_keys})
@@ -587,6 +598,8 @@ def train(
 
     # 2. model, projector, budgets
     model, processor, stock_projector = _load_model(family, recipe, config, training_args, say)
+    stock_count = adapter_for(model).native_tokens(model, "stock")  # the stock tokens per unit
+    schedule = config.with_native(schedule, stock_count, say)
     _check_schedule(model, schedule, say)
     say(f"schedule: {dict(zip(schedule.tokens, schedule.probabilities, strict=True))} "
         f"(expected {schedule.expected_tokens:.1f} vision tokens per {adapter_for(model).unit})")  # fmt: skip
@@ -642,6 +655,7 @@ def train(
         batcher=batcher,
         schedule=schedule,
         image_token_id=recipe.image_token_id(_unwrap_peft(model)),
+        native_rule=config.native_rule,
         callbacks=[JsonlLogCallback(output_dir / TRAIN_LOG_NAME)],
     )
     start = time.perf_counter()

@@ -278,19 +278,20 @@ def test_bench_gemma4_quick(tmp_path):
         assert r["tokens"] < encode["tokens"] and positive(r["pooled_over_native_time"])
     assert main(["bench", "gemma4", "--quick", "--encode-budget", "100"]) == 2
 
-def test_run_command_passes_each_option_by_parameter_name(tmp_path):
+
+def test_run_bench_passes_each_option_by_parameter_name(tmp_path):
     import argparse
 
-    from flexproj.bench.report import run_command
+    from flexproj.bench.report import run_bench
 
     def runner(*, text_hidden, quick, threads, log=print):
         return {"bench": "probe", "environment": {}, "got": [text_hidden, quick, threads]}
 
     args = argparse.Namespace(text_hidden=7, quick=True, threads=None, out=str(tmp_path), x=1)
-    assert run_command(args, runner, lambda p: f"{p['got']}\n") == 0
+    assert run_bench(args, runner, lambda p: f"{p['got']}\n") == 0
     assert json.loads((tmp_path / "results.json").read_text())["got"] == [7, True, None]
     with pytest.raises(TypeError, match=r"\['quick'\]"):  # never a silent default
-        run_command(argparse.Namespace(text_hidden=7, threads=None, out=None), runner, str)
+        run_bench(argparse.Namespace(text_hidden=7, threads=None, out=None), runner, str)
 
 
 def test_ratio_by_hand():

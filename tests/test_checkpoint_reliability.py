@@ -328,6 +328,7 @@ def test_state_dict_keeps_the_patched_tree_and_the_stock_save_has_stock_names(fa
     reloaded = type(model).from_pretrained(tmp_path / "model")
     assert all(torch.equal(v, stock[k]) for k, v in reloaded.state_dict().items())
 
+
 @pytest.mark.parametrize(
     ("section", "field", "value", "expected"),
     [

@@ -14,7 +14,7 @@ def test_samples_are_reproducible_and_cover_kinds():
     assert [s.question for s in a] == [s.question for s in b]
     assert [s.answer for s in a] == [s.answer for s in b]
     assert a[0].image.tobytes() == b[0].image.tobytes()
-    assert {s.kind for s in a} == set(KINDS)
+    assert {s.kind for s in a} == set(KINDS) - {"flag"}
     for s in a:
         assert set(s.question.split()) <= set(VOCAB) and s.answer in VOCAB
 
@@ -40,3 +40,29 @@ def test_write_llava_dataset(tmp_path):
 def test_unknown_kind_raises():
     with pytest.raises(ValueError, match="unknown question kind"):
         make_sample(random.Random(0), "texture")
+
+
+def test_flag_top_colour_is_the_answer_and_the_bottom_differs():
+    from flexproj.testing.datasets import COLOURS
+
+    rng = random.Random(0)
+    for _ in range(20):
+        s = make_sample(rng, "flag", 96, 6)
+        assert s.question == "what color is the top of the flag ?"
+        pixels = s.image.load()
+        # the flag fills one 16 px cell: find it, then read its top and bottom halves
+        cells = [
+            (r, c)
+            for r in range(6)
+            for c in range(6)
+            if pixels[c * 16 + 8, r * 16 + 4] != (245, 245, 245)
+        ]
+        assert len(cells) == 1
+        r, c = cells[0]
+        top, bottom = pixels[c * 16 + 8, r * 16 + 3], pixels[c * 16 + 8, r * 16 + 12]
+        assert top == COLOURS[s.answer] and bottom != top and bottom in COLOURS.values()
+
+
+def test_make_samples_default_kinds_leave_the_flag_out():
+    assert {s.kind for s in make_samples(12, seed=1)} == {"colour", "count", "position"}
+    assert {s.kind for s in make_samples(4, seed=1, kinds=KINDS)} == set(KINDS)

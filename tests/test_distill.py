@@ -99,3 +99,19 @@ def test_image_paths_from_a_folder_and_a_json(data):
     from_json = image_paths(data)
     from_dir = image_paths(data.parent / "images")
     assert len(from_json) == 16 and sorted(from_json) == from_dir
+
+
+def test_the_distillation_metric_against_a_hand_computed_case():
+    """Relative MSE is divided by the *target's* mean square (2/3 here; by the prediction's it
+    would be 0.4), cosine is per token, averaged; loss = rel. MSE + w * (1 - cosine)."""
+    from flexproj.recipes.distill import _metrics
+
+    pred = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    target = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    # squared errors 0, 1, 0, 1 -> mean 0.5; target mean square (1 + 1 + 0 + 1) / 4 = 0.75
+    # cosines: (1, 0).(1, 1) / sqrt(2) = 0.7071..., (0, 2).(0, 1) / 2 = 1
+    cosine = (2**-0.5 + 1.0) / 2
+    loss, mse, cos = _metrics(pred, target, cosine_weight=0.5)
+    assert mse == pytest.approx(0.5 / 0.75)
+    assert cos == pytest.approx(cosine)
+    assert float(loss) == pytest.approx(0.5 / 0.75 + 0.5 * (1 - cosine))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+import flexproj
 from flexproj.encoder_cache import vision_cache
 from flexproj.registry import adapter_for
 from flexproj.testing import IMAGE_PLACEHOLDER, tiny_images, tiny_vlm
@@ -18,6 +19,7 @@ def first_tensor(out) -> torch.Tensor:
 
 def test_same_bytes_in_another_dtype_are_encoded_again():
     model, processor = tiny_vlm("llava")
+    flexproj.patch(model)  # the cache serves patched models
     tower = adapter_for(model).vision_tower(model)
     pixels = processor(text=["<image> a"], images=tiny_images([(64, 64)]), return_tensors="pt")[
         "pixel_values"
@@ -36,6 +38,7 @@ def test_same_bytes_in_another_dtype_are_encoded_again():
 
 def test_qwen_patch_rows_under_another_grid_are_encoded_again():
     model, processor = tiny_vlm("qwen2_vl")
+    flexproj.patch(model)
     tower = adapter_for(model).vision_tower(model)
     inputs = processor(
         text=[f"{IMAGE_PLACEHOLDER['qwen2_vl']} a"],

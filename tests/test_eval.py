@@ -185,3 +185,61 @@ def test_eval_auto_writes_the_calibration(runs, tmp_path, capsys):
     assert "automatic budget" in (out / "eval.md").read_text()
     with Image.open(out / "eval_auto.png") as image:
         assert image.format == "PNG"
+
+
+def test_eval_json_keeps_every_answer_and_prefill_repeats_0_is_accepted(runs, tmp_path):
+    """Every sample's reference and generated answer is in eval.json (not only the first
+    five), so a model that always answers the same is visible; `--prefill_repeats 0`
+    (documented by the Python API: no timing) is accepted by the command."""
+    from flexproj.cli import main
+
+    dirs, _ = runs
+    test = write_llava_dataset(make_samples(7, seed=2), tmp_path / "test7")
+    out = tmp_path / "report"
+    argv = ["eval", "--run", str(dirs["flex"]), "--data", str(test), "--tokens", "4",
+            "--output_dir", str(out), "--max_new_tokens", "3", "--prefill_repeats", "0",
+            "--no_progress"]  # fmt: skip
+    assert main(argv) == 0
+    (result,) = json.loads((out / "eval.json").read_text())["runs"][0]["results"]
+    records = json.loads(test.read_text())
+    assert [s["id"] for s in result["per_sample"]] == [r["id"] for r in records]
+    for sample, record in zip(result["per_sample"], records, strict=True):
+        assert sample["answer"] == record["conversations"][1]["value"]
+        assert isinstance(sample["generated"], str)
+        assert sample["hit"] == (
+            normalize_answer(sample["generated"]) == normalize_answer(sample["answer"])
+        )
+    assert result["accuracy"] == sum(s["hit"] for s in result["per_sample"]) / 7
+    assert result["prefill_ms_per_sample"] is None
+    assert "| 4 | 4.0 |" in (out / "eval.md").read_text()  # the row is written, timing "-"
+
+
+def test_recipe_json_paths_work_from_another_directory(tmp_path, monkeypatch):
+    """`--model ./base` (a relative path) is stored absolute in recipe.json, so `flexproj
+    eval --run` from another directory loads the base model."""
+    from pathlib import Path
+
+    from flexproj.cli import main
+    from flexproj.testing import tiny_vlm
+    from flexproj.testing.datasets import VOCAB
+
+    model, processor = tiny_vlm("llava", extra_words=VOCAB)
+    model.save_pretrained(tmp_path / "work" / "base")
+    processor.save_pretrained(tmp_path / "work" / "base")
+    write_llava_dataset(make_samples(4, seed=0), tmp_path / "work" / "data")
+    monkeypatch.chdir(tmp_path / "work")
+    argv = ["--model", "base", "--data", "data/data.json", "--output_dir", "run",
+            "--schedule", "fixed:16", "--max_steps", "1", "--per_device_train_batch_size", "2",
+            "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none"]  # fmt: skip
+    assert train_main("llava", argv) == 0
+    recipe = json.loads((tmp_path / "work" / "run" / "recipe.json").read_text())
+    assert recipe["model"] == str((tmp_path / "work" / "base").resolve())
+    assert Path(recipe["config"]["data"]).is_absolute()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    argv = ["eval", "--run", str(tmp_path / "work" / "run"), "--data",
+            str(tmp_path / "work" / "data" / "data.json"), "--tokens", "16", "--prefill_repeats",
+            "0", "--max_new_tokens", "2", "--no_progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert (elsewhere / "eval" / "eval.json").is_file()

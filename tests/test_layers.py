@@ -5,7 +5,7 @@ Layers, lowest first (docs/ARCHITECTURE.md)::
     core      flexproj/ (its testing/ too), minus what is listed below
     adapters  adapters/            (installed as flexproj.adapters)
     recipes   recipes/             (installed as flexproj.recipes)
-    top       flexproj/demo.py, flexproj/bench/, flexproj/integrations/, serving/
+    top       flexproj/demo/, flexproj/bench/, flexproj/integrations/, serving/
     cli       flexproj/cli.py, flexproj/commands/
 
 A module may import its own layer and the layers below it, never one above: core never
@@ -134,7 +134,7 @@ def test_files_map_to_the_documented_layers():
     assert layers["flexproj/testing/tiny_models.py"] == "core"
     assert layers["adapters/llava.py"] == "adapters"
     assert layers["recipes/trainer.py"] == "recipes"
-    assert layers["flexproj/demo.py"] == "top"
+    assert layers["flexproj/demo/convert.py"] == "top"
     assert layers["flexproj/bench/e2e.py"] == "top"
     assert layers["flexproj/cli.py"] == "cli"
     assert layers["flexproj/commands/bench.py"] == "cli"
@@ -168,7 +168,7 @@ def test_files_map_to_the_documented_layers():
         # adapters importing the top layer
         ("adapters/qwen_vl.py", "from flexproj.bench import e2e\n", "top"),
         # the top layer importing the CLI
-        ("flexproj/demo.py", "from flexproj.cli import main\n", "cli"),
+        ("flexproj/demo/convert.py", "from flexproj.cli import main\n", "cli"),
         # recipes importing the CLI
         ("recipes/trainer.py", "from flexproj.commands import train\n", "cli"),
     ],

@@ -402,8 +402,8 @@ def _torchrun(data, out, *extra, steps=2):
 @pytest.mark.slow
 def test_deepspeed_zero2_on_two_cpu_processes_matches_ddp(data, tmp_path):
     """DeepSpeed ZeRO-2 (2 CPU processes, its shared-memory comm op) trains what DDP trains:
-    the same losses and budgets per step, a byte-identical saved projector that loads and
-    runs on a fresh model."""
+    the same losses and budgets per step, the same saved projector (to float32 rounding) that
+    loads and runs on a fresh model."""
     config = tmp_path / "zero2.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 2},
                                   "train_micro_batch_size_per_gpu": "auto",
@@ -423,7 +423,11 @@ def test_deepspeed_zero2_on_two_cpu_processes_matches_ddp(data, tmp_path):
 
     saved = [load_file(out / "flexproj.safetensors") for out in (ddp, zero)]
     assert saved[0].keys() == saved[1].keys()
-    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])  # the same weights
+    # the same weights to float32 rounding: DeepSpeed reduces the gradients in its own
+    # buckets and order, gloo in DDP's, so the last bit may differ (it did after a change of
+    # the tiny tokenizer's vocabulary, 1.5e-8 at most); a wrong reduction would be ~1e-3
+    for k in saved[0]:
+        torch.testing.assert_close(saved[1][k], saved[0][k], rtol=0, atol=1e-6)
     model, processor = tiny_vlm("llava")
     flexproj.from_pretrained(model, zero, processor)
     with flexproj.tokens(4):

@@ -32,7 +32,7 @@ from flexproj.bench.report import (
     fmt_ratio,
     markdown_table,
     ratio,
-    run_command,
+    run_bench,
     set_threads,
 )
 
@@ -201,4 +201,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_command(args, run_budgets, render)
+    return run_bench(args, run_budgets, render)

@@ -40,7 +40,7 @@ from flexproj.bench.report import (
     markdown_table,
     pick_device,
     ratio,
-    run_command,
+    run_bench,
     set_threads,
 )
 from flexproj.bench.timing import Stopwatch, summarize
@@ -577,6 +577,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_command(
+    return run_bench(
         args, run_e2e, to_markdown, ok=lambda p: all("error" not in f for f in p["families"])
     )

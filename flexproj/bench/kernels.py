@@ -39,7 +39,7 @@ from flexproj.bench.report import (
     markdown_table,
     pick_device,
     ratio,
-    run_command,
+    run_bench,
     set_threads,
 )
 from flexproj.bench.timing import Stopwatch, summarize
@@ -733,4 +733,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_command(args, run_kernels, to_markdown)
+    return run_bench(args, run_kernels, to_markdown)

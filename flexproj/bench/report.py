@@ -29,7 +29,7 @@ __all__ = [
     "fmt_ratio",
     "markdown_table",
     "pick_device",
-    "run_command",
+    "run_bench",
     "set_threads",
     "write_results",
 ]
@@ -239,7 +239,7 @@ def run_and_write(
         torch.set_num_threads(threads)
 
 
-def run_command(
+def run_bench(
     args: argparse.Namespace,
     runner: Callable[..., dict[str, Any]],
     render: Callable[[dict[str, Any]], str],

@@ -65,6 +65,27 @@ def register(subparsers: Any) -> None:
         default="llava",
         help="convert: the tiny model family (default llava)",
     )
+    parser.add_argument(
+        "--task",
+        choices=("flag", "board"),
+        default=None,
+        help="convert: the questions (default flag: a big shape's colour and the top colour "
+        "of a small two-colour flag, fine detail; board: colour and the colour in a named "
+        "cell of a 4x4 board)",
+    )
+    parser.add_argument(
+        "--docs",
+        choices=("write", "check"),
+        default=None,
+        help="convert: after the run, write its tables and reading into README.md and "
+        "docs/DEMO.md (between the task's marker comments; `make docs`), or check that the "
+        "committed ones are what this run printed (exit 1 with a diff when not; `make "
+        "check-docs`). Run from the repository root.",
+    )
+    parser.add_argument("--text-head-dim", type=int, default=None,
+                        help="convert: attention head width of the tiny LLaVA's LLM (default "
+                        "16, what the published tables used; 32: a base model vLLM's CPU "
+                        "backend serves)")  # fmt: skip
     parser.add_argument("--stock-steps", type=int, default=None,
                         help="convert: steps of the stock reference training")  # fmt: skip
     parser.add_argument("--convert-steps", type=int, default=None,
@@ -157,8 +178,8 @@ _CONVERT_FIELDS = {
     "eval_tokens": "eval_tokens",
     "eval_per_kind": "eval_per_kind",
     "threads": "threads",
-    "kinds": "kinds",
-    "board": "board",
+    "task": "task",
+    "text_head_dim": "text_head_dim",
 }
 
 
@@ -188,8 +209,16 @@ def run(args: argparse.Namespace) -> int:
         }
         fields["family"] = args.family
         ccfg = quick_convert_config(**fields) if args.quick else ConvertConfig(**fields)
-        run_convert(ccfg, args.out, workers=workers)
-        return 0
+        if args.docs:  # missing markers fail now, not after minutes of training
+            from flexproj.demo.docs import DocsError, check_markers
+
+            try:
+                check_markers(ccfg.task, ".")
+            except (DocsError, OSError) as exc:  # one line, exit 2 (flexproj.cli.run_command)
+                raise DocsError(f"--docs {args.docs}: {exc}") from None
+        results = run_convert(ccfg, args.out, workers=workers)
+        plot = os.path.join(args.out, results["plot"])
+        return _docs(args.docs, results, plot) if args.docs else 0
 
     overrides: dict[str, Any] = {
         field: getattr(args, arg)
@@ -202,4 +231,28 @@ def run(args: argparse.Namespace) -> int:
         overrides["flex_weights"] = (1.0,) * len(overrides["train_tokens"])
     cfg = quick_config(**overrides) if args.quick else DemoConfig(**overrides)
     run_demo(cfg, args.out, workers=workers)
+    return 0
+
+
+def _docs(mode: str, results: dict[str, Any], plot: str) -> int:
+    """``--docs write``: the sections written; ``check``: 1 and a diff when they differ."""
+    import sys
+
+    from flexproj.demo.docs import check_docs, write_docs
+
+    if mode == "write":
+        for file in write_docs(results, ".", plot):
+            print(f"wrote the demo sections of {file}")
+        return 0
+    problems = check_docs(results, ".")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(
+            "error: the committed demo tables are not what this run printed; run `make docs` "
+            "and commit README.md and docs/DEMO.md",
+            file=sys.stderr,
+        )
+        return 1
+    print("the committed demo tables are what this run printed")
     return 0

@@ -35,9 +35,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--schedule", default="paper",
                         help="budgets to fit at, as in flexproj train (default: paper = 64,144,256); "
                         "the native budget is always added; budgets over the stock count are left out")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
+    parser.add_argument("--steps", type=int, default=500, help="optimiser steps (default 500)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per step")
+    parser.add_argument("--batch_size", type=int, default=16, help="images per step (default 16)")
     parser.add_argument("--cosine_weight", type=float, default=1.0,
                         help="loss = relative MSE + w * (1 - cosine)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)

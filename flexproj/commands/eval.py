@@ -13,14 +13,19 @@ def register(subparsers: Any) -> None:
         description=(
             "Load each --run (a 'flexproj train' output_dir) onto its base model and report, per "
             "budget N, the answer loss, exact-match accuracy of greedy answers and prefill time; "
-            "writes eval.json, eval.md and eval.png to --output_dir."
+            "writes eval.json, eval.md and eval.png to --output_dir. eval.json keeps every "
+            "sample's reference and generated answer (per_sample). A --data record with a "
+            "'kind' field (any string, e.g. the question type) also gets accuracy per kind "
+            "(accuracy_by_kind; --auto: the mean budget per kind)."
         ),
     )
     parser.add_argument("--run", action="append", required=True, metavar="DIR",
                         help="a training output_dir; repeat to compare runs on one plot")  # fmt: skip
     parser.add_argument("--label", action="append", default=None, metavar="NAME",
                         help="label per --run (default: the directory name)")  # fmt: skip
-    parser.add_argument("--data", required=True, help="LLaVA-format conversation JSON")
+    parser.add_argument("--data", required=True,
+                        help="LLaVA-format conversation JSON; an optional per-record 'kind' "
+                        "field groups the accuracy (accuracy_by_kind)")  # fmt: skip
     parser.add_argument("--image_folder", default=None, help="folder of the JSON's image paths")
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 144, 256], metavar="N",
                         help="budgets to evaluate (default: 64 144 256)")  # fmt: skip
@@ -36,7 +41,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=16, help="answer length limit")
     parser.add_argument("--prefill_repeats", type=int, default=3,
-                        help="timed prefill passes per batch; the fastest counts (default 3)")  # fmt: skip
+                        help="timed prefill passes per batch; the fastest counts (default 3; "
+                        "0: no timing, accuracy only)")  # fmt: skip
     parser.add_argument(
         "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16")
     )

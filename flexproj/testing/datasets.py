@@ -7,6 +7,9 @@ detail to different degrees, so that the number of vision tokens matters:
 * ``count``    "how many red shapes are there ?" (small shapes; counts blur when pooled)
 * ``position`` "what color is the shape in row two column three ?" (one cell: needs a
   fine grid)
+* ``flag``     "what color is the top of the flag ?" (a two-colour flag, one colour above
+  the other, on a board of ``grid x grid`` cells; at a grid of one token per cell the two
+  halves average into one token and which colour is on top is lost: fine detail)
 
 Answers are one word. :func:`write_llava_dataset` writes PNGs plus a JSON list of
 ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
@@ -33,7 +36,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-KINDS = ("colour", "count", "position")
+KINDS = ("colour", "count", "position", "flag")
+#: the kinds ``make_samples`` cycles through by default (``flag`` is asked for by name)
+BOARD_KINDS = ("colour", "count", "position")
 #: every word the questions and answers use (for tokenizers built in code)
 VOCAB: tuple[str, ...] = (
     *COLOURS,
@@ -54,6 +59,9 @@ VOCAB: tuple[str, ...] = (
     "in",
     "row",
     "column",
+    "top",
+    "of",
+    "flag",
     "?",
 )
 
@@ -99,6 +107,14 @@ def make_sample(rng: random.Random, kind: str, image_size: int = 64, grid: int =
         )
         return Sample(image, "what color is the large shape ?", colour, kind)
     cell = image_size / grid
+    if kind == "flag":
+        top, bottom = rng.sample(colours, 2)
+        r, c = rng.randrange(grid), rng.randrange(grid)
+        x0, y0, x1, y1 = int(c * cell), int(r * cell), int((c + 1) * cell), int((r + 1) * cell)
+        mid = (y0 + y1) // 2
+        draw.rectangle((x0, y0, x1 - 1, mid - 1), fill=COLOURS[top])
+        draw.rectangle((x0, mid, x1 - 1, y1 - 1), fill=COLOURS[bottom])
+        return Sample(image, "what color is the top of the flag ?", top, kind)
     pad = max(1, int(cell * 0.15))
     cells = [(r, c) for r in range(grid) for c in range(grid)]
     filled = rng.sample(cells, rng.randint(1, min(len(cells), 6)))
@@ -126,7 +142,12 @@ def make_sample(rng: random.Random, kind: str, image_size: int = 64, grid: int =
 
 
 def make_samples(
-    n: int, seed: int = 0, *, kinds: Sequence[str] = KINDS, image_size: int = 64, grid: int = 4
+    n: int,
+    seed: int = 0,
+    *,
+    kinds: Sequence[str] = BOARD_KINDS,
+    image_size: int = 64,
+    grid: int = 4,
 ) -> list[Sample]:
     """``n`` samples cycling through ``kinds``, reproducible from ``seed``."""
     rng = random.Random(seed)
