@@ -72,10 +72,17 @@ def _native_lines(results: dict[str, Any]) -> list[str]:
             continue
         got = _acc(results, row, native)
         diff = (got["mean"] - stock["mean"]) * 100
-        allowed = max(1.0, stock["std"] * 100, got["std"] * 100)
-        verdict = "within" if abs(diff) <= allowed or diff > 0 else "OUTSIDE"
+        verdict = "OUTSIDE" if _loses_native(results, row) else "within"
         out.append(f"{rec['label']} {_pct(got)} ({diff:+.1f}, {verdict} max(1, std))")
     return out
+
+
+def _loses_native(results: dict[str, Any], row: str) -> bool:
+    """Whether ``row`` is below stock at the native budget by more than max(1, either std)."""
+    native = results["native_tokens"]
+    stock, got = _acc(results, "stock", native), _acc(results, row, native)
+    diff = (got["mean"] - stock["mean"]) * 100
+    return -diff > max(1.0, stock["std"] * 100, got["std"] * 100)
 
 
 def _losses(results: dict[str, Any]) -> list[str]:
@@ -154,6 +161,7 @@ def reading(results: dict[str, Any]) -> str:
         for n in train
     ]
     losses = _losses(results)
+    native_losers = [r for r in results["rows"] if r != "stock" and _loses_native(results, r)]
     cost = results["rows"]["tokenflex_align"]["cost_vs_stock"]
     lines = [
         f"- Stock at its native {native} tokens: {_pct(_acc(results, 'stock', native))}% of all "
@@ -172,6 +180,15 @@ def reading(results: dict[str, Any]) -> str:
         "- Fixed-N models at their own budget and away from it: " + "; ".join(fixed) + ".",
         "- Where the flexible model loses (below a fixed-N model at N or stock at native by "
         "more than the spread): " + ("; ".join(losses) if losses else "nowhere in this run") + ".",
+        "- Converted rows that lose the native budget (outside max(1, std) of stock there): "
+        + (", ".join(results["rows"][r]["label"] for r in native_losers) or "none")
+        + (
+            " (a row that trains the stock projector itself keeps no untouched copy for the "
+            "native-budget rule to run)"
+            if "pool_after_flex" in native_losers
+            else ""
+        )
+        + ".",
         "- TokenFLEX (align) below training-free pool-after by more than the spread, at: "
         + ("; ".join(_below_training_free(results)) or "no budget")
         + f" (budgets above the largest trained one, {max(train)}, are extrapolation).",
